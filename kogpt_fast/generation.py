@@ -1,0 +1,255 @@
+"""`generate()` with HF transformers' semantics, over the paged KV cache.
+
+Code written for `AutoModelForCausalLM.from_pretrained(...).generate(...)` runs unchanged: the same arguments,
+the same defaults (max_length 20, top_k 50 when sampling), the same order of logits processing (repetition
+penalty, then temperature, top-k, top-p), the same handling of left padding (positions from the attention mask),
+eos (finished rows are padded with pad_token_id) and streamers (put(prompt), put(new tokens) per step, end()).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+# Arguments HF accepts that change nothing here (we always use a cache; one beam is all there is).
+_IGNORED = {"use_cache", "output_attentions", "output_hidden_states", "synced_gpus", "token_type_ids"}
+
+
+@dataclass
+class GenerationConfig:
+    """The decoding parameters, with HF's defaults. Unset (None) token ids fall back to the model config's."""
+
+    max_length: int = 20  # prompt + new tokens
+    max_new_tokens: int | None = None  # wins over max_length
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    num_beams: int = 1
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def update(self, **kwargs) -> "GenerationConfig":
+        """A copy with the given fields replaced; unknown names raise TypeError (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        unknown = sorted(set(kwargs) - names - _IGNORED)
+        if unknown:
+            raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if k in names})
+
+    @classmethod
+    def from_any(cls, config) -> "GenerationConfig":
+        """Ours, or a duck-typed HF `transformers.GenerationConfig` (its set fields are read by name)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return dataclasses.replace(config)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name != "extra" and getattr(config, f.name, None) is not None:
+                values[f.name] = getattr(config, f.name)
+        return cls(**values)
+
+
+def _validate(cfg: GenerationConfig, vocab_size: int) -> None:
+    def positive_int(name, value, allow_zero=False):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+    positive_int("max_length", cfg.max_length)
+    if cfg.max_new_tokens is not None:
+        positive_int("max_new_tokens", cfg.max_new_tokens, allow_zero=True)
+    positive_int("min_length", cfg.min_length, allow_zero=True)
+    if cfg.min_new_tokens is not None:
+        positive_int("min_new_tokens", cfg.min_new_tokens, allow_zero=True)
+    positive_int("num_return_sequences", cfg.num_return_sequences)
+    if cfg.num_beams != 1:
+        raise NotImplementedError(f"beam search is not supported (num_beams={cfg.num_beams}); use num_beams=1")
+    if cfg.do_sample:
+        if not isinstance(cfg.temperature, (int, float)) or not cfg.temperature > 0:
+            raise ValueError(f"temperature must be a positive number when sampling, got {cfg.temperature!r}")
+        if cfg.top_k is not None:
+            positive_int("top_k", cfg.top_k, allow_zero=True)
+        if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p!r}")
+    elif cfg.num_return_sequences != 1:
+        raise ValueError(
+            f"num_return_sequences={cfg.num_return_sequences} needs do_sample=True: greedy decoding gives one "
+            "sequence per prompt"
+        )
+    if not isinstance(cfg.repetition_penalty, (int, float)) or not cfg.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be a positive number, got {cfg.repetition_penalty!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        if value is not None and not (isinstance(value, int) and 0 <= value < vocab_size):
+            raise ValueError(f"{name}={value!r} is not a token id in [0, {vocab_size})")
+    for eos in _as_list(cfg.eos_token_id):
+        if not (isinstance(eos, int) and 0 <= eos < vocab_size):
+            raise ValueError(f"eos_token_id={eos!r} is not a token id in [0, {vocab_size})")
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return ids.flatten().tolist()
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def process_logits(cfg: GenerationConfig, sequences: torch.Tensor, logits: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """HF's logits processors and warpers, in HF's order. sequences [B, T] (padding included), logits [B, V] fp32."""
+    eos = _as_list(cfg.eos_token_id)
+    if cfg.repetition_penalty != 1.0:
+        score = torch.gather(logits, 1, sequences)
+        score = torch.where(score < 0, score * cfg.repetition_penalty, score / cfg.repetition_penalty)
+        logits = logits.scatter(1, sequences, score)
+    too_short = sequences.shape[1] < cfg.min_length or (
+        cfg.min_new_tokens is not None and new_tokens < cfg.min_new_tokens
+    )
+    if eos and too_short:
+        logits = logits.clone()
+        logits[:, eos] = -float("inf")
+    if not cfg.do_sample:
+        return logits
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k:
+        top_k = min(cfg.top_k, logits.shape[-1])
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k)[0][..., -1, None], -float("inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - cfg.top_p)
+        remove[..., -1:] = False  # keep at least one token
+        logits = logits.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+    return logits
+
+
+def choose_tokens(cfg: GenerationConfig, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] processed logits -> [B] next tokens: argmax, or a draw from softmax when sampling."""
+    if not cfg.do_sample:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos: list[int]) -> torch.Tensor:
+    """HF's inference: padding is masked only when pad_token_id occurs in the input and is not an eos id."""
+    ones = torch.ones_like(input_ids)
+    if pad_token_id is None or pad_token_id in eos or not bool((input_ids == pad_token_id).any()):
+        return ones
+    return (input_ids != pad_token_id).long()
+
+
+class GenerationMixin:
+    """Adds `generate()` to a model that has `config`, `device`, `cache_for()` and `forward_step()`."""
+
+    def _generation_defaults(self) -> GenerationConfig:
+        base = getattr(self, "generation_config", None)
+        cfg = GenerationConfig.from_any(base)
+        c = self.config
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(cfg, name) is None:
+                cfg = dataclasses.replace(cfg, **{name: getattr(c, name)})
+        return cfg
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        streamer=None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Generate continuations of input_ids [B, T] (left-padded batches with attention_mask).
+
+        Returns a LongTensor [B * num_return_sequences, T + new] on the model's device, as HF does.
+        Sampling draws from `generator`, or from a new generator seeded with `seed`, or from torch's global RNG.
+        """
+        from .validation import check_generate_inputs
+
+        if inputs is not None and input_ids is not None:
+            raise ValueError("pass the prompt once: either `inputs` or `input_ids`, not both")
+        input_ids = inputs if input_ids is None else input_ids
+        cfg = self._generation_defaults()
+        if generation_config is not None:
+            cfg = GenerationConfig.from_any(generation_config)
+            defaults = self._generation_defaults()
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(cfg, name) is None:
+                    cfg = dataclasses.replace(cfg, **{name: getattr(defaults, name)})
+        cfg = cfg.update(**kwargs)
+        _validate(cfg, self.config.vocab_size)
+        eos = _as_list(cfg.eos_token_id)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else None)
+        input_ids, attention_mask = check_generate_inputs(input_ids, attention_mask, self.config.vocab_size)
+        if attention_mask is None:
+            attention_mask = default_attention_mask(input_ids, pad, eos)
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if cfg.num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(cfg.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(cfg.num_return_sequences, dim=0)
+
+        prompt_len = input_ids.shape[1]
+        max_length = cfg.max_length if cfg.max_new_tokens is None else prompt_len + cfg.max_new_tokens
+        lengths = attention_mask.sum(dim=1).tolist()  # real tokens per row
+        longest_context = max(lengths) + max(max_length - prompt_len, 0)
+        if longest_context > self.config.n_positions:
+            raise ValueError(
+                f"prompt ({max(lengths)} tokens) plus new tokens ({max_length - prompt_len}) is "
+                f"{longest_context} tokens, beyond the model's n_positions={self.config.n_positions}"
+            )
+        if seed is not None and generator is None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequences = input_ids
+        if max_length <= prompt_len:
+            if streamer is not None:
+                streamer.end()
+            return sequences
+
+        cache = self.cache_for([n + max_length - prompt_len for n in lengths])
+        try:
+            # Prefill: only the real (unmasked) tokens are run and cached; positions count them from 0.
+            keep = attention_mask.bool()
+            positions = (attention_mask.cumsum(-1) - 1)[keep]
+            cache.start(lengths)
+            meta = cache.plan(lengths, positions, is_prefill=True)
+            logits = self.forward_step(input_ids[keep], meta, cache)
+            unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=device)
+            next_position = torch.tensor(lengths, device=device)
+            for step in range(max_length - prompt_len):
+                scores = process_logits(cfg, sequences, logits, step)
+                tokens = choose_tokens(cfg, scores, generator)
+                if pad is not None:
+                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                if eos:
+                    unfinished &= ~torch.isin(tokens, torch.tensor(eos, device=device))
+                if step == max_length - prompt_len - 1 or not bool(unfinished.any()):
+                    break
+                meta = cache.plan([1] * len(lengths), next_position, is_prefill=False)
+                logits = self.forward_step(tokens, meta, cache)
+                next_position = next_position + 1
+        finally:
+            cache.release()
+        if streamer is not None:
+            streamer.end()
+        return sequences

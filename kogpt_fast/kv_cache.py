@@ -1,0 +1,149 @@
+"""The paged KV cache: a block pool per layer, a free-list allocator, and the per-step metadata.
+
+Each sequence owns a list of blocks (its block table); token t of a sequence lives in block
+table[t // block_size] at offset t % block_size, i.e. in slot block * block_size + offset of the pool.
+The metadata of a step (positions, slots, block tables, lengths) is built once and used by every layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCacheExhausted(RuntimeError):
+    """The block pool has too few free blocks for the request."""
+
+
+class BlockAllocator:
+    """A free list of block ids in [0, num_blocks). Plain Python: it runs once per step, not per layer."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise KVCacheExhausted(
+                f"KV cache exhausted: {n} more blocks needed, {len(self._free)} free of a capacity of "
+                f"{self.num_blocks} blocks"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            if block not in self._used:
+                raise ValueError(f"block {block} is not allocated (double free?)")
+            self._used.remove(block)
+            self._free.append(block)
+
+
+@dataclass
+class StepMetadata:
+    """What the attention ops need for one forward step over B sequences and N new tokens.
+
+    positions     [N] int64   rotary position of each new token
+    slot_mapping  [N] int64   pool slot each new token's K/V is written to
+    cu_seqlens    [B+1] int32 prefix sums of the new tokens per sequence (packed layout)
+    block_tables  [B, max_blocks] int32  each sequence's blocks, padded with 0
+    seq_lens      [B] int32   context length of each sequence including the new tokens
+    last_token    [B] int64   index in N of each sequence's last new token (where logits are taken)
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    cu_seqlens: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    last_token: torch.Tensor
+    max_seqlen: int
+    is_prefill: bool
+
+
+class PagedKVCache:
+    """K and V pools [n_layer, num_blocks, block_size, n_head, head_dim], and the sequences that use them.
+
+    A sequence is a slot in `self.tables` (list of block ids) and `self.lengths` (tokens cached so far).
+    """
+
+    def __init__(self, n_layer, num_blocks, block_size, n_head, head_dim, dtype, device):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        shape = (n_layer, num_blocks, block_size, n_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.tables: list[list[int]] = []
+        self.lengths: list[int] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def start(self, lengths: list[int]) -> None:
+        """Begin B fresh sequences whose first step adds lengths[b] tokens; their blocks are allocated here."""
+        self.release()
+        needed = [self.blocks_for(n) for n in lengths]
+        if sum(needed) > self.allocator.num_free:
+            raise KVCacheExhausted(
+                f"KV cache exhausted: the prompts need {sum(needed)} blocks of {self.block_size} tokens, "
+                f"{self.allocator.num_free} free of a capacity of {self.num_blocks} blocks "
+                f"({self.capacity_tokens} tokens)"
+            )
+        self.tables = [self.allocator.allocate(n) for n in needed]
+        self.lengths = [0] * len(lengths)
+
+    def release(self) -> None:
+        """Free every sequence's blocks (the pool is reused by the next request)."""
+        for table in self.tables:
+            self.allocator.free(table)
+        self.tables, self.lengths = [], []
+
+    def plan(self, new_tokens: list[int], positions: torch.Tensor, is_prefill: bool) -> StepMetadata:
+        """Reserve room for new_tokens[b] more tokens of each sequence and describe the step.
+
+        positions [N] are the rotary positions of the packed new tokens (they need not equal the cache offsets:
+        a left-padded prompt starts at position 0 whatever its padding).
+        """
+        device = self.k.device
+        for b, n in enumerate(new_tokens):
+            missing = self.blocks_for(self.lengths[b] + n) - len(self.tables[b])
+            if missing > 0:
+                self.tables[b].extend(self.allocator.allocate(missing))
+        slots = []
+        for b, n in enumerate(new_tokens):
+            for t in range(self.lengths[b], self.lengths[b] + n):
+                slots.append(self.tables[b][t // self.block_size] * self.block_size + t % self.block_size)
+            self.lengths[b] += n
+        max_blocks = max(len(t) for t in self.tables)
+        tables = [t + [0] * (max_blocks - len(t)) for t in self.tables]
+        cu = [0]
+        for n in new_tokens:
+            cu.append(cu[-1] + n)
+        return StepMetadata(
+            positions=positions.to(device=device, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(self.lengths, dtype=torch.int32, device=device),
+            last_token=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1,
+            max_seqlen=max(new_tokens),
+            is_prefill=is_prefill,
+        )

@@ -1,0 +1,247 @@
+"""Checkpoint loading: a HF GPT-J model directory -> KoGPTForCausalLM, tensor by tensor.
+
+Accepted layouts (looked for in this order): model.safetensors; sharded safetensors with
+model.safetensors.index.json; pytorch_model.bin; sharded pytorch_model.bin.index.json. `.bin` files are read with
+`torch.load(weights_only=True)` (memory-mapped when the format allows), so a pickle that is more than tensors is
+refused. Each tensor goes to the target device and dtype as soon as it is read: loading a 6B model in fp16 never
+holds an fp32 copy of it in RAM.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import ConfigError, GPTJConfig
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Buffers that old GPT-J checkpoints carry (a causal mask and its fill value): not weights.
+IGNORED_KEY = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose weights disagree with its config."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported (float32, float16 or bfloat16)")
+        return None if dtype in (None, "auto") else dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported (float32, float16 or bfloat16)")
+    return DTYPES[name]
+
+
+def model_dir(path) -> Path:
+    """The checkpoint directory for `path` (None: the embedded demo checkpoint)."""
+    if path is None:
+        from .demo import demo_model_path
+
+        return demo_model_path()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no model directory at {p} (kogpt-fast reads local checkpoints; it never downloads)")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is not a directory: pass the checkpoint directory holding config.json")
+    return p
+
+
+def weight_files(directory: Path) -> tuple[str, dict[str, Path]]:
+    """(layout, {tensor name -> file}) for the first weight layout present in `directory`."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return name, {"*": path}
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path} is not a valid shard index (needs a 'weight_map' object): {e}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path}: 'weight_map' must map tensor names to file names")
+        files = {}
+        for tensor, file in weight_map.items():
+            shard = directory / str(file)
+            if not shard.is_file():
+                raise FileNotFoundError(f"shard {shard} listed in {path} for {tensor!r} is missing")
+            files[tensor] = shard
+        return name, files
+    raise FileNotFoundError(f"no weights in {directory}: looked for {', '.join(WEIGHT_FILES)}")
+
+
+class CheckpointReader(contextlib.ExitStack):
+    """Reads named tensors from a checkpoint's files, opening each file once. Use as a context manager."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.layout, self._files = weight_files(directory)
+        self._open: dict[Path, object] = {}
+        self.names: dict[str, Path] = {}
+        for file in dict.fromkeys(self._files.values()):
+            for name in self._handle(file).keys():
+                self.names[name] = file
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            self._open[file] = self._open_safetensors(file) if file.suffix == ".safetensors" else self._open_bin(file)
+        return self._open[file]
+
+    def _open_safetensors(self, file: Path):
+        from safetensors import safe_open
+
+        try:
+            return self.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+            raise CheckpointError(f"cannot read {file}: damaged or not a safetensors file ({e})") from e
+
+    @staticmethod
+    def _open_bin(file: Path) -> dict:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{file} is not a plain weights file: weights_only loading refused it ({str(e).splitlines()[0]})"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {file}: damaged or not a PyTorch checkpoint ({e})") from e
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise CheckpointError(f"{file} does not hold a state dict of tensors")
+        return state
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.names[name]
+        handle = self._handle(file)
+        if isinstance(handle, dict):
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {file}: damaged file ({e})") from e
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in dict.fromkeys(self.names.values()))
+
+
+class Progress:
+    """A one-line progress bar on stderr for long loads."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled, self.done = total, label, enabled, 0
+        self._last = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
+            self._last = now
+            frac = self.done / max(self.total, 1)
+            bar = "#" * int(30 * frac)
+            end = "\n" if self.done == self.total else ""
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total}{end}")
+            sys.stderr.flush()
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=None):
+    from . import backends
+
+    directory = model_dir(path)
+    config = GPTJConfig.from_json_file(directory / "config.json")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) or default_dtype(config, device)
+    backends.resolve(backend, device)  # an explicit backend that cannot run fails before the load
+
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    expected = dict(model.named_parameters())
+    tied = config.tie_word_embeddings
+    with CheckpointReader(directory) as reader:
+        present = {n for n in reader.names if not IGNORED_KEY.match(n)}
+        problems = check_names(expected, present, tied)
+        for name in sorted(present & set(expected)):
+            shape = _shape(reader, name)
+            if shape != tuple(expected[name].shape):
+                problems.append(
+                    f"{name}: shape {shape} in the checkpoint, {tuple(expected[name].shape)} expected from config.json"
+                )
+        if problems:
+            raise CheckpointError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
+        names = [n for n in expected if n in present and not (tied and n == "lm_head.weight")]
+        bar = Progress(len(names), "loading weights", progress if progress is not None else reader.nbytes() > 2**30)
+        for name in names:
+            tensor = reader.get(name)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{name} has dtype {tensor.dtype}; weights must be floating point")
+            _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            bar.update()
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.generation_config = read_generation_config(directory)
+    model.name_or_path = str(directory)
+    return model.eval()
+
+
+def _shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:
+    handle = reader._handle(reader.names[name])
+    if isinstance(handle, dict):
+        return tuple(handle[name].shape)
+    return tuple(handle.get_slice(name).get_shape())
+
+
+def check_names(expected: dict, present: set[str], tied: bool) -> list[str]:
+    missing = sorted(set(expected) - present - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(present - set(expected))
+    problems = [f"missing tensor {n}" for n in missing]
+    problems += [f"unexpected tensor {n} (not part of a GPT-J with this config)" for n in unexpected]
+    return problems
+
+
+def default_dtype(config: GPTJConfig, device: torch.device) -> torch.dtype:
+    """float32 on the CPU; on a GPU float16, or bfloat16 for a bfloat16 checkpoint."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if config.torch_dtype == "bfloat16" else torch.float16
+
+
+def read_generation_config(directory: Path):
+    """generation_config.json, when the checkpoint has one (its known fields; the rest is kept in `extra`)."""
+    from .generation import GenerationConfig
+
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    known = {f for f in GenerationConfig.__dataclass_fields__ if f != "extra"}
+    return GenerationConfig(**{k: v for k, v in data.items() if k in known},
+                            extra={k: v for k, v in data.items() if k not in known})

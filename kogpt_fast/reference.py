@@ -1,0 +1,146 @@
+"""The torch backend: every op of the decoder in plain PyTorch.
+
+This file is the oracle for the Triton and CUDA kernels, the CPU path, and the documentation of the numerics.
+Each op computes exactly what HF transformers' GPT-J eager path computes (modeling_gptj.py), op for op, so that
+greedy decoding on this backend equals HF token for token in fp32:
+
+- RoPE: sin/cos from an fp32 table, cast to the activation dtype, applied to interleaved pairs
+  (x[2i], x[2i+1]) of the first rotary_dim dims of each head: (x*cos - y*sin, y*cos + x*sin).
+- Attention: q and k upcast to fp32, scores = q k^T / sqrt(head_dim), softmax in fp32, probabilities cast to
+  the value dtype before P @ V.
+- GELU: gelu_new, 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x**3))), written as HF writes it.
+
+Shapes: N packed tokens (all sequences of a step, one after another), B sequences, H heads, D head_dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import StepMetadata
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, K] @ weight [M, K]^T + bias [M] -> [N, M] (weights in torch's Linear layout)."""
+    return F.linear(x, weight, bias)
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_pytorch_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
+    """fc_in with its activation: gelu(x @ weight^T + bias)."""
+    act = gelu_new if activation == "gelu_new" else gelu_pytorch_tanh
+    return act(linear(x, weight, bias))
+
+
+def rope_table(n_positions: int, rotary_dim: int, device=None) -> torch.Tensor:
+    """[n_positions, rotary_dim] fp32: sin of each position's angles in the first half, cos in the second.
+
+    inv_freq[i] = 1 / 10000^(2i / rotary_dim); computed as HF's create_sinusoidal_positions does.
+    """
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
+    angles = torch.einsum("i , j -> i j", torch.arange(n_positions, dtype=torch.int64).float(), inv_freq).float()
+    return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1).to(device)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """RoPE on the first rotary_dim dims of each head. x [N, H, D], positions [N] -> [N, H, D] (a new tensor)."""
+    sincos = table[positions].to(x.dtype)  # [N, rotary_dim]
+    sin, cos = torch.split(sincos, rotary_dim // 2, dim=-1)
+    sin = torch.repeat_interleave(sin[:, None, :], 2, dim=-1)  # [N, 1, rotary_dim]
+    cos = torch.repeat_interleave(cos[:, None, :], 2, dim=-1)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated_half = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)  # (x,y) -> (-y,x)
+    return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k, v [N, H, D] into one layer's pools [num_blocks, block_size, H, D] at slot_mapping [N].
+
+    slot = block * block_size + offset. A slot of -1 is skipped (a token that is not cached).
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """q [..., H, Tq, D], k/v [..., H, Tk, D], visible [..., 1, Tq, Tk] bool -> [..., H, Tq, D] in v's dtype."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    """Causal attention of fresh sequences packed along N, RoPE applied here; K (rotated) and V go to the cache.
+
+    q, k, v [N, H, D] before RoPE; meta.cu_seqlens [B+1] bounds each sequence in N; returns [N, H, D].
+    """
+    q = apply_rope(q, meta.positions, rope, rotary_dim)
+    k = apply_rope(k, meta.positions, rope, rotary_dim)
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(v)
+    bounds = meta.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        t = end - start
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None]
+        seq = slice(start, end)
+        out[seq] = _attend(
+            q[seq].transpose(0, 1), k[seq].transpose(0, 1), v[seq].transpose(0, 1), causal
+        ).transpose(0, 1)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    """One new token per sequence attending to its whole cached context through the block table.
+
+    q, k, v [B, H, D] before RoPE; the new k, v are written first, so meta.seq_lens [B] counts them.
+    meta.block_tables [B, max_blocks] int32 lists each sequence's blocks in order; returns [B, H, D].
+    """
+    q = apply_rope(q, meta.positions, rope, rotary_dim)
+    k = apply_rope(k, meta.positions, rope, rotary_dim)
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    batch, max_blocks = meta.block_tables.shape
+    block_size = k_cache.shape[1]
+    tables = meta.block_tables.long()
+    # Gather each sequence's pages into a contiguous [B, max_blocks*block_size, H, D] context.
+    keys = k_cache[tables].reshape(batch, max_blocks * block_size, *k_cache.shape[2:])
+    values = v_cache[tables].reshape(batch, max_blocks * block_size, *v_cache.shape[2:])
+    context = torch.arange(max_blocks * block_size, device=q.device)
+    visible = (context[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+    out = _attend(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), visible)  # [B, H, 1, D]
+    return out[:, :, 0, :]
