@@ -9,6 +9,7 @@ holds an fp32 copy of it in RAM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -170,11 +171,15 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=None):
+# HF from_pretrained arguments that need no action here.
+ACCEPTED_HF_ARGUMENTS = {"low_cpu_mem_usage", "trust_remote_code", "local_files_only"}
+
+
+def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=None, overrides=None):
     from . import backends
 
     directory = model_dir(path)
-    config = GPTJConfig.from_json_file(directory / "config.json")
+    config = with_overrides(GPTJConfig.from_json_file(directory / "config.json"), overrides or {})
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or default_dtype(config, device)
     backends.resolve(backend, device)  # an explicit backend that cannot run fails before the load
@@ -207,6 +212,15 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=N
     model.generation_config = read_generation_config(directory)
     model.name_or_path = str(directory)
     return model.eval()
+
+
+def with_overrides(config: GPTJConfig, overrides: dict) -> GPTJConfig:
+    """Config fields given to from_pretrained by keyword, as HF allows (e.g. pad_token_id=...)."""
+    fields = set(GPTJConfig.__dataclass_fields__) - {"extra"}
+    unknown = sorted(set(overrides) - fields - ACCEPTED_HF_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(unknown)}")
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
 
 def _shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:

@@ -82,18 +82,21 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         backend: str = "auto",
         torch_dtype: torch.dtype | str | None = None,
         progress: bool | None = None,
+        **overrides,
     ) -> "KoGPTForCausalLM":
         """Load a HF GPT-J checkpoint directory (safetensors, sharded safetensors or pytorch_model.bin).
 
         device: default cuda when available, else cpu. dtype (or HF's torch_dtype): default float16 on a GPU
         (bfloat16 for a bfloat16 checkpoint) and float32 on the CPU. backend: "auto", "torch", "triton" or
-        "cuda" (also from the KOGPT_BACKEND environment variable when "auto").
+        "cuda" (also from the KOGPT_BACKEND environment variable when "auto"). Like HF, config fields may be
+        overridden by keyword (e.g. `pad_token_id=tokenizer.eos_token_id`); HF's `low_cpu_mem_usage` is accepted
+        (loading is always tensor by tensor).
         """
         from .loader import load_model
 
         return load_model(
             cls, path, device=device, dtype=dtype if dtype is not None else torch_dtype, backend=backend,
-            progress=progress,
+            progress=progress, overrides=overrides,
         )
 
     @property

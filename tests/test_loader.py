@@ -169,3 +169,12 @@ def test_reader_lists_every_tensor(safetensors_dir, hf_model):
         assert set(reader.names) == set(hf_model.state_dict()) - {
             k for k in hf_model.state_dict() if k.endswith("embed_positions")
         }
+
+
+def test_hf_style_config_overrides(safetensors_dir):
+    model = load(safetensors_dir, pad_token_id=7, low_cpu_mem_usage=True)
+    assert model.config.pad_token_id == 7
+    with pytest.raises(TypeError, match="revision"):
+        load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16")
+    with pytest.raises(ConfigError, match="pad_token_id=1000"):
+        load(safetensors_dir, pad_token_id=1000)
