@@ -69,7 +69,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         self.backend_name = backend
         self.kv_cache: PagedKVCache | None = None
         self.kv_block_size = 16
-        self.max_cache_tokens: int | None = None  # None: the pool grows to what a request needs
+        self.max_cache_tokens: int | None = None  # KV pool capacity; None: grows to what a request needs
         self._rope: torch.Tensor | None = None
 
     @classmethod
@@ -116,19 +116,23 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         return self._rope
 
     def cache_for(self, total_tokens: list[int]) -> PagedKVCache:
-        """The KV pool, (re)allocated when a request needs more blocks than it has and no limit was set."""
-        c = self.config
-        needed = sum(-(-n // self.kv_block_size) for n in total_tokens)
+        """The KV pool for sequences that will reach total_tokens[b] tokens.
+
+        With `max_cache_tokens` unset the pool grows to what a request needs and is kept for the next one; with
+        it set the pool has exactly that capacity and a request that needs more raises KVCacheExhausted.
+        """
+        c, bs = self.config, self.kv_block_size
         if self.max_cache_tokens is not None:
-            needed = -(-self.max_cache_tokens // self.kv_block_size)
+            blocks = -(-self.max_cache_tokens // bs)
+        else:
+            blocks = sum(-(-n // bs) for n in total_tokens)
         cache = self.kv_cache
-        if cache is None or cache.k.device != self.device or cache.k.dtype != self.dtype or (
-            cache.num_blocks < needed and self.max_cache_tokens is None
-        ):
+        reusable = cache is not None and cache.k.device == self.device and cache.k.dtype == self.dtype and (
+            cache.num_blocks >= blocks if self.max_cache_tokens is None else cache.num_blocks == blocks
+        )
+        if not reusable:
             self.kv_cache = None  # drop the old pool before allocating the new one
-            cache = PagedKVCache(
-                c.n_layer, max(needed, 1), self.kv_block_size, c.n_head, c.head_dim, self.dtype, self.device
-            )
+            cache = PagedKVCache(c.n_layer, max(blocks, 1), bs, c.n_head, c.head_dim, self.dtype, self.device)
             self.kv_cache = cache
         return cache
 
