@@ -37,12 +37,15 @@ class GenerationConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def update(self, **kwargs) -> "GenerationConfig":
-        """A copy with the given fields replaced; unknown names raise TypeError (a typo must not pass silently)."""
+        """A copy with the given fields replaced; unknown names raise TypeError (a typo must not pass silently).
+
+        None means "not given", as in HF 5 (whose defaults fill every field left None).
+        """
         names = {f.name for f in dataclasses.fields(self)} - {"extra"}
         unknown = sorted(set(kwargs) - names - _IGNORED)
         if unknown:
             raise TypeError(f"generate() got unsupported arguments: {', '.join(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if k in names})
+        return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if k in names and v is not None})
 
     @classmethod
     def from_any(cls, config) -> "GenerationConfig":

@@ -169,3 +169,10 @@ def test_bad_inputs(models, ids, mask, error, message):
     _, ours = models
     with pytest.raises(error, match=message):
         ours.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_none_means_not_given(models):
+    _, ours = models
+    ref = ours.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=3)
+    same = ours.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=3, temperature=None, top_k=None, top_p=None)
+    assert torch.equal(ref, same)
