@@ -98,3 +98,21 @@ def test_eos_stops_one_row_while_others_continue(pair):
 def hf_greedy_with(hf, ids, mask, **kwargs):
     with torch.no_grad():
         return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
+
+
+def test_demo_checkpoint_greedy_equals_hf():
+    from transformers import GPTJForCausalLM
+
+    from kogpt_fast import KoGPTTokenizer, demo_model_path
+
+    path = demo_model_path()
+    hf = GPTJForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ours = KoGPTForCausalLM.from_pretrained(device="cpu", dtype=torch.float32, backend="torch")
+    tokenizer = KoGPTTokenizer.from_pretrained()
+    prompts = ["대한민국은", "국회는", "모든 국민은", "대통령은", "제1조", "법률안"]
+    batch = tokenizer(prompts, return_tensors="pt")
+    expected = hf_greedy(hf, batch.input_ids, batch.attention_mask, max_new_tokens=40)
+    got = ours.generate(**batch, max_new_tokens=40, pad_token_id=hf.config.eos_token_id)
+    assert_same_and_varied(expected, got, batch.input_ids.shape[1])
+    for prompt, row in zip(prompts, tokenizer.batch_decode(got, skip_special_tokens=True)):
+        assert row.startswith(prompt) and len(row) > len(prompt) + 10
