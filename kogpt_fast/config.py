@@ -92,7 +92,7 @@ class GPTJConfig:
         n_embd = kwargs.get("n_embd", cls.n_embd)
         n_inner = data.get("n_inner")
         kwargs["n_inner"] = 4 * n_embd if n_inner is None else n_inner
-        kwargs["torch_dtype"] = data.get("torch_dtype", data.get("dtype"))
+        kwargs["torch_dtype"] = data.get("torch_dtype") or data.get("dtype")  # HF 5 writes "dtype"
         kwargs["extra"] = {k: v for k, v in data.items() if k not in known}
         return cls(**kwargs)
 
