@@ -178,3 +178,11 @@ def test_hf_style_config_overrides(safetensors_dir):
         load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16")
     with pytest.raises(ConfigError, match="pad_token_id=1000"):
         load(safetensors_dir, pad_token_id=1000)
+
+
+def test_progress_bar(safetensors_dir, capsys):
+    load(safetensors_dir, progress=True)
+    err = capsys.readouterr().err
+    assert "loading weights" in err and err.rstrip().endswith("/".join(["25"] * 2))
+    load(safetensors_dir)  # small checkpoints load quietly by default
+    assert capsys.readouterr().err == ""
