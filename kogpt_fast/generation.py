@@ -235,6 +235,7 @@ class GenerationMixin:
             meta = cache.plan(lengths, positions, is_prefill=True)
             logits = self.forward_step(input_ids[keep], meta, cache)
             unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=device)
+            eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
             next_position = torch.tensor(lengths, device=device)
             for step in range(max_length - prompt_len):
                 scores = process_logits(cfg, sequences, logits, step)
@@ -245,7 +246,7 @@ class GenerationMixin:
                 if streamer is not None:
                     streamer.put(tokens.cpu())
                 if eos:
-                    unfinished &= ~torch.isin(tokens, torch.tensor(eos, device=device))
+                    unfinished &= ~torch.isin(tokens, eos_ids)
                 if step == max_length - prompt_len - 1 or not bool(unfinished.any()):
                     break
                 meta = cache.plan([1] * len(lengths), next_position, is_prefill=False)
