@@ -100,14 +100,16 @@ def hf_greedy_with(hf, ids, mask, **kwargs):
         return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
 
 
-def test_demo_checkpoint_greedy_equals_hf():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_demo_checkpoint_greedy_equals_hf(dtype):
+    """fp32, and fp16 too: the reference rounds where HF eager rounds (q, k upcast; probabilities cast down)."""
     from transformers import GPTJForCausalLM
 
     from kogpt_fast import KoGPTTokenizer, demo_model_path
 
     path = demo_model_path()
-    hf = GPTJForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    ours = KoGPTForCausalLM.from_pretrained(device="cpu", dtype=torch.float32, backend="torch")
+    hf = GPTJForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    ours = KoGPTForCausalLM.from_pretrained(device="cpu", dtype=dtype, backend="torch")
     tokenizer = KoGPTTokenizer.from_pretrained()
     prompts = ["대한민국은", "국회는", "모든 국민은", "대통령은", "제1조", "법률안"]
     batch = tokenizer(prompts, return_tensors="pt")
