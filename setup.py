@@ -2,11 +2,129 @@
 
 `kernels/` (Triton kernels) installs as `kogpt_fast.kernels`: a top-level package named `kernels`
 would clash with an existing PyPI package. The embedded demo checkpoint ships as package data.
+
+The CUDA kernels in csrc/ are compiled by nvcc, driven by ninja, into one shared library,
+kogpt_fast/_lib/libkogpt_cuda.so, that links neither torch nor libcuda (the CUDA runtime is linked statically):
+Python loads it with ctypes (kogpt_fast/cuda_lib.py). Environment:
+  KOGPT_SKIP_CUDA=1        build a pure-Python package (also what happens when nvcc is not found)
+  KOGPT_CUDA_ARCHS="80;90" SM architectures to compile for (default 80;89;90)
+  CUDA_HOME                where nvcc lives (default: nvcc on PATH, else /usr/local/cuda)
+  KOGPT_BUILD_JOBS         parallel nvcc jobs (default 2)
 """
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+LIBRARY = "libkogpt_cuda.so"
+DEFAULT_ARCHS = "80;89;90"
+NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"]
+
+
+def find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+    )
+
+
+def find_ninja() -> str:
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        return os.path.join(ninja.BIN_DIR, "ninja")
+    except ImportError:
+        found = shutil.which("ninja")
+        if found is None:
+            raise RuntimeError("building the CUDA library needs ninja: pip install ninja (or set KOGPT_SKIP_CUDA=1)")
+        return found
+
+
+def cuda_archs() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("KOGPT_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    if not archs or not all(a.rstrip("a").isdigit() for a in archs):
+        raise RuntimeError(f"KOGPT_CUDA_ARCHS={os.environ.get('KOGPT_CUDA_ARCHS')!r}: expected e.g. '80;89;90'")
+    return archs
+
+
+def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str], output: Path) -> None:
+    """One compile edge per csrc/*.cu and one link edge; the library links the CUDA runtime statically."""
+    gencode = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in archs)
+    defines = f"'-DKOGPT_ARCHS=\"{';'.join(archs)}\"'"  # quoted: ninja runs the command in a shell
+    sources = sorted(CSRC.glob("*.cu"))
+    headers = " ".join(str(h) for h in sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")))
+    lines = [
+        "ninja_required_version = 1.3",
+        f"nvcc = {nvcc}",
+        f"cflags = {' '.join(NVCC_FLAGS)} {gencode} -I{CSRC} {defines}",
+        "rule nvcc",
+        "  command = $nvcc $cflags -c $in -o $out",
+        "  description = nvcc $in",
+        "rule link",
+        "  command = $nvcc -shared -cudart static -Xcompiler -fPIC $in -o $out",
+        "  description = link $out",
+    ]
+    objects = []
+    for src in sources:
+        obj = build_dir / (src.stem + ".o")
+        objects.append(str(obj))
+        lines.append(f"build {obj}: nvcc {src} | {headers}")
+    lines.append(f"build {output}: link {' '.join(objects)}")
+    (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+
+
+class CUDALibrary(Extension):
+    """The csrc/ library: an Extension only so that setuptools builds it and marks the wheel platform-specific."""
+
+    def __init__(self):
+        super().__init__("kogpt_fast._lib.libkogpt_cuda", sources=[])
+
+
+class BuildCUDALibrary(build_ext):
+    def get_ext_filename(self, fullname):
+        if fullname.split(".")[-1] == "libkogpt_cuda":
+            return os.path.join(*fullname.split(".")[:-1], LIBRARY)
+        return super().get_ext_filename(fullname)
+
+    def copy_extensions_to_source(self):
+        # editable installs copy the library into kogpt_fast/_lib/, which a fresh checkout does not have
+        package_dir = self.get_finalized_command("build_py").get_package_dir("kogpt_fast._lib")
+        os.makedirs(package_dir, exist_ok=True)
+        super().copy_extensions_to_source()
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CUDALibrary):
+            return super().build_extension(ext)
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(self.build_temp).resolve() / "kogpt_cuda"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = cuda_archs()
+        write_build_ninja(build_dir, NVCC, archs, output)
+        jobs = os.environ.get("KOGPT_BUILD_JOBS", "2")
+        print(f"kogpt-fast: compiling csrc/ with {NVCC} for sm_{', sm_'.join(archs)} into {output}", flush=True)
+        subprocess.run([find_ninja(), "-C", str(build_dir), f"-j{jobs}"], check=True)
+
+
+NVCC = None if os.environ.get("KOGPT_SKIP_CUDA", "") not in ("", "0") else find_nvcc()
+if NVCC is None:
+    reason = "KOGPT_SKIP_CUDA is set" if os.environ.get("KOGPT_SKIP_CUDA", "") not in ("", "0") else "nvcc not found"
+    print(f"kogpt-fast: {reason}: building a pure-Python package without the CUDA library "
+          "(backend='cuda' will be unavailable; torch and triton still work)", file=sys.stderr, flush=True)
 
 setup(
     packages=["kogpt_fast", "kogpt_fast.demo", "kogpt_fast.kernels"],
     package_dir={"kogpt_fast": "kogpt_fast", "kogpt_fast.kernels": "kernels"},
     package_data={"kogpt_fast.demo": ["*.json", "*.safetensors", "*.model", "*.md"]},
+    ext_modules=[CUDALibrary()] if NVCC else [],
+    cmdclass={"build_ext": BuildCUDALibrary} if NVCC else {},
 )

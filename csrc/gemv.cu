@@ -1,0 +1,139 @@
+// Decode GEMV / skinny GEMM: out[M, N] = act(x[M, K] @ weight[N, K]^T + bias) + residual, M = 1..16.
+//
+// Memory-bound design: at decode the weight is read once per step and dominates the traffic, so each warp
+// streams kRows weight rows with 16-byte loads (kUnroll of them per row in flight), reuses each weight vector
+// for all M rows of x (x stays in L1/L2), accumulates in fp32, reduces across the warp with shuffles and applies
+// the epilogue in registers. No shared memory and no block-wide barrier: a CTA is 8 independent warps.
+// Split-K is not used: KoGPT's smallest weight (4096 x 4096) already gives 2048 warps of 8-16 KB each.
+#include <math.h>
+
+#include "common.cuh"
+
+namespace kogpt {
+namespace {
+
+constexpr int kWarps = 8;
+
+struct GemvParams {
+    int M, N, K;
+    const void* x; int64_t x_stride;
+    const void* weight; int64_t weight_stride;
+    const void* bias;
+    const void* residual; int64_t residual_stride;
+    void* out; int64_t out_stride;
+    int activation;
+};
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    // HF's gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+// kM: rows of x handled per launch (M <= kM); kVec: elements per weight load (16 bytes, or 1 for the
+// scalar fallback when K or the pointers are not aligned to 16 bytes).
+template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
+    constexpr int kRows = kM >= 8 ? 4 : 2;     // weight rows per warp: more rows amortise the x loads at large M
+    constexpr int kUnroll = kM >= 8 ? 2 : 4;   // loads per row in flight; fewer at large M to bound registers
+    const int lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
+    if (row0 >= p.N) return;
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* x = static_cast<const T*>(p.x);
+
+    float acc[kM][kRows] = {};
+    for (int k0 = lane * kVec; k0 < p.K; k0 += 32 * kVec * kUnroll) {
+        Vec<T, kVec> w[kUnroll][kRows];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int k = k0 + u * 32 * kVec;
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                if (k < p.K && row0 + r < p.N) {
+                    w[u][r] = *reinterpret_cast<const Vec<T, kVec>*>(weight + (int64_t)(row0 + r) * p.weight_stride + k);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i) w[u][r].v[i] = from_float<T>(0.f);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int k = k0 + u * 32 * kVec;
+            if (k >= p.K) break;
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+                if (m >= p.M) break;
+                float xv[kVec];
+                load_floats<T, kVec>(x + (int64_t)m * p.x_stride + k, xv);
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i) acc[m][r] += to_float<T>(w[u][r].v[i]) * xv[i];
+                }
+            }
+        }
+    }
+
+    const T* bias = static_cast<const T*>(p.bias);
+    const T* residual = static_cast<const T*>(p.residual);
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            const float sum = warp_sum(acc[m][r]);
+            const int n = row0 + r;
+            if (lane == (m * kRows + r) % 32 && m < p.M && n < p.N) {  // spread the stores over the lanes
+                float y = sum;
+                if (bias) y += to_float<T>(bias[n]);
+                if (p.activation == KOGPT_ACT_GELU_TANH) y = gelu_tanh(y);
+                if (residual) y += to_float<T>(residual[(int64_t)m * p.residual_stride + n]);
+                out[(int64_t)m * p.out_stride + n] = from_float<T>(y);
+            }
+        }
+    }
+}
+
+template <typename T, int kM, int kVec> int launch(const GemvParams& p, cudaStream_t stream) {
+    constexpr int kRows = kM >= 8 ? 4 : 2;
+    const int rows_per_cta = kWarps * kRows;
+    gemv_kernel<T, kM, kVec><<<(p.N + rows_per_cta - 1) / rows_per_cta, kWarps * 32, 0, stream>>>(p);
+    return check_launch("kogpt_gemv");
+}
+
+}  // namespace
+}  // namespace kogpt
+
+extern "C" int kogpt_gemv(int dtype, int M, int N, int K,
+                          const void* x, int64_t x_stride,
+                          const void* weight, int64_t weight_stride,
+                          const void* bias,
+                          const void* residual, int64_t residual_stride,
+                          void* out, int64_t out_stride,
+                          int activation, cudaStream_t stream) {
+    using namespace kogpt;
+    const char* op = "kogpt_gemv";
+    if (M < 1 || M > 16 || N < 1 || K < 1) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: M=%d N=%d K=%d (M must be in [1, 16])", op, M, N, K);
+    }
+    if (!x || !weight || !out) return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: x, weight and out must not be NULL", op);
+    if (activation != KOGPT_ACT_NONE && activation != KOGPT_ACT_GELU_TANH) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown activation code %d", op, activation);
+    }
+    const GemvParams p{M, N, K, x, x_stride, weight, weight_stride, bias, residual, residual_stride,
+                       out, out_stride, activation};
+    const size_t elem = dtype_size(dtype);
+    const int vec = 16 / (int)elem;
+    const bool vector_ok = K % vec == 0 && aligned(x, 16) && aligned(weight, 16) && (x_stride * elem) % 16 == 0 &&
+                           (weight_stride * elem) % 16 == 0;
+    return dispatch_dtype(dtype, op, [&](auto zero) {
+        using T = decltype(zero);
+        constexpr int kVec = 16 / sizeof(T);
+        if (!vector_ok) return launch<T, 16, 1>(p, stream);
+        if (M == 1) return launch<T, 1, kVec>(p, stream);
+        if (M == 2) return launch<T, 2, kVec>(p, stream);
+        if (M <= 4) return launch<T, 4, kVec>(p, stream);
+        if (M <= 8) return launch<T, 8, kVec>(p, stream);
+        return launch<T, 16, kVec>(p, stream);
+    });
+}

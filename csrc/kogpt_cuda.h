@@ -1,0 +1,100 @@
+/* The C ABI of libkogpt_cuda: plain `extern "C"` launchers loaded from Python with ctypes.
+ *
+ * Conventions, for every launcher:
+ * - pointers are device pointers; sizes and strides are in elements (not bytes); the innermost dimension of
+ *   every tensor is contiguous (stride 1), the other strides are passed;
+ * - `dtype` is a KOGPT_DTYPE_* code and applies to all activations, weights and caches of the call;
+ *   tables and metadata have fixed types (rope table fp32, positions and slots int64, block tables int32);
+ * - work is enqueued on `stream` (torch.cuda.current_stream().cuda_stream); nothing synchronises;
+ * - the return value is a KOGPT_* code; on failure kogpt_last_error() says what went wrong (thread-local).
+ */
+#ifndef KOGPT_CUDA_H
+#define KOGPT_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KOGPT_ABI_VERSION 1
+
+enum kogpt_status {
+    KOGPT_OK = 0,
+    KOGPT_ERR_CUDA = 1,             /* a CUDA runtime error (launch failure, no driver, ...) */
+    KOGPT_ERR_INVALID_ARGUMENT = 2, /* a null pointer, a negative size, a misaligned pointer, ... */
+    KOGPT_ERR_UNSUPPORTED = 3,      /* a dtype or head_dim this build has no kernel for */
+    KOGPT_ERR_WORKSPACE = 4,        /* the workspace passed is smaller than the call needs */
+};
+
+enum kogpt_dtype { KOGPT_DTYPE_FLOAT32 = 0, KOGPT_DTYPE_FLOAT16 = 1, KOGPT_DTYPE_BFLOAT16 = 2 };
+
+enum kogpt_activation { KOGPT_ACT_NONE = 0, KOGPT_ACT_GELU_TANH = 1 /* gelu_new == gelu(approximate="tanh") */ };
+
+/* ---- runtime ---- */
+int kogpt_abi_version(void);
+/* The message of the last failing call on this thread ("" if none). */
+const char* kogpt_last_error(void);
+/* *count = number of CUDA devices. Without a driver or a device it returns KOGPT_ERR_CUDA, sets *count = 0
+ * and kogpt_last_error() starts with "no driver" or "no device". Never aborts. */
+int kogpt_device_count(int* count);
+/* The list of SM architectures compiled in, e.g. "80;89;90". */
+const char* kogpt_compiled_archs(void);
+
+/* ---- paged KV cache write (csrc/kv_cache_write.cu) ----
+ * k, v [n_tokens, n_head, head_dim] -> k_cache, v_cache [num_blocks, block_size, n_head, head_dim] at
+ * slot_mapping[n_tokens] (slot = block * block_size + offset; -1 = skip the token).
+ * With rope_table != NULL, k is rotated first (GPT-J interleaved pairs on its first rotary_dim dims, positions
+ * [n_tokens], rope_table [n_positions, rotary_dim] fp32: sin in the first half, cos in the second). */
+int kogpt_kv_cache_write(int dtype, int n_tokens, int n_head, int head_dim,
+                         const void* k, int64_t k_stride_token, int64_t k_stride_head,
+                         const void* v, int64_t v_stride_token, int64_t v_stride_head,
+                         void* k_cache, void* v_cache, int block_size,
+                         int64_t cache_stride_block, int64_t cache_stride_token, int64_t cache_stride_head,
+                         const int64_t* slot_mapping,
+                         const int64_t* positions, const float* rope_table, int64_t rope_stride, int rotary_dim,
+                         cudaStream_t stream);
+
+/* ---- paged decode attention (csrc/decode_attention.cu) ----
+ * One new token per sequence: q, k, v [batch, n_head, head_dim] before RoPE. RoPE is applied to q and k, k and v
+ * are written to the caches at slot_mapping[batch], then each query attends to seq_lens[b] cached tokens (the
+ * new one included) listed by block_tables [batch, max_blocks] (row stride block_table_stride).
+ * The context is split in partitions of `partition_size` tokens (flash-decoding); a second kernel reduces them.
+ * Scores are q.k * scale in fp32, softmax in fp32; out [batch, n_head, head_dim].
+ * workspace: device memory of at least kogpt_decode_attention_workspace_size(...) bytes, 256-byte aligned.
+ * head_dim: 64, 128 or 256 (else KOGPT_ERR_UNSUPPORTED). partition_size: a multiple of 32 in [32, 1024]. */
+size_t kogpt_decode_attention_workspace_size(int dtype, int batch, int n_head, int head_dim, int max_context,
+                                             int partition_size);
+int kogpt_decode_attention(int dtype, int batch, int n_head, int head_dim,
+                           const void* q, int64_t q_stride_token, int64_t q_stride_head,
+                           const void* k, int64_t k_stride_token, int64_t k_stride_head,
+                           const void* v, int64_t v_stride_token, int64_t v_stride_head,
+                           void* k_cache, void* v_cache, int block_size,
+                           int64_t cache_stride_block, int64_t cache_stride_token, int64_t cache_stride_head,
+                           const int64_t* slot_mapping, const int64_t* positions,
+                           const float* rope_table, int64_t rope_stride, int rotary_dim,
+                           const int32_t* block_tables, int64_t block_table_stride, int max_blocks,
+                           const int32_t* seq_lens, float scale, int partition_size,
+                           void* out, int64_t out_stride_token, int64_t out_stride_head,
+                           void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* ---- decode GEMV / skinny GEMM (csrc/gemv.cu) ----
+ * out[m, n] = act(sum_k x[m, k] * weight[n, k] + bias[n]) + residual[m, n], for m < M (1..16), n < N.
+ * weight in torch's Linear layout [N, K]; bias and residual may be NULL; fp32 accumulation.
+ * out must not alias x or weight (it may alias residual). */
+int kogpt_gemv(int dtype, int M, int N, int K,
+               const void* x, int64_t x_stride,
+               const void* weight, int64_t weight_stride,
+               const void* bias,
+               const void* residual, int64_t residual_stride,
+               void* out, int64_t out_stride,
+               int activation, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KOGPT_CUDA_H */

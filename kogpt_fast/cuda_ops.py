@@ -1,0 +1,154 @@
+"""The cuda backend: the reference's ops (kogpt_fast.reference), same names, signatures and semantics.
+
+An op runs a kernel of the CUDA library (kogpt_fast.cuda_lib) when one covers its inputs, and otherwise the
+fallback ops module, chosen in one place: `fallback_ops()`. Covered today:
+- linear, linear_gelu: the decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill) falls back;
+- decode_attention: RoPE, cache write and flash-decoding in the library (csrc/decode_attention.cu);
+- write_kv_cache: csrc/kv_cache_write.cu.
+layer_norm, prefill_attention, apply_rope and the GELUs always fall back. With logging at DEBUG level for
+"kogpt_fast.cuda_ops", the first call of each (op, implementation) pair logs which one ran and why.
+"""
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+
+from . import cuda_lib, reference
+from .kv_cache import StepMetadata
+from .reference import rope_table  # noqa: F401  (part of the ops interface: computed once per model)
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
+
+GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both spell GPT-J's tanh-approximated GELU
+
+
+def fallback_ops() -> ModuleType:
+    """Where ops without a CUDA kernel go. The torch reference today; the Triton ops module
+    (kogpt_fast.backends.triton_kernels("ops")) is the intended target once it is complete."""
+    return reference
+
+
+def _ran(op: str, impl: str, why: str = "") -> None:
+    if (op, impl) not in _logged and logger.isEnabledFor(logging.DEBUG):
+        _logged.add((op, impl))
+        logger.debug("%s ran on %s%s", op, impl, f" ({why})" if why else "")
+
+
+def _kernel_dtype(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (first.is_cuda and first.dtype in cuda_lib.DTYPE_CODES and cuda_lib.is_available()
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
+
+
+# ---- ops with a CUDA kernel ----
+
+def _gemv_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """None when the GEMV kernel takes these inputs, else why not."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not _kernel_dtype(*tensors):
+        return "no CUDA kernel for this device/dtype"
+    if x.dim() != 2 or not 1 <= x.shape[0] <= cuda_lib.GEMV_MAX_M:
+        return f"{x.shape[0] if x.dim() == 2 else tuple(x.shape)} rows: the GEMV kernel takes 2-D x with 1..16 rows"
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or (bias is not None and not bias.is_contiguous()):
+        return "non-contiguous inputs"
+    return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, K] @ weight [M, K]^T + bias [M] -> [N, M] (weights in torch's Linear layout)."""
+    why = _gemv_reason(x, weight, bias)
+    if why is None:
+        _ran("linear", "cuda gemv")
+        return cuda_lib.gemv(x, weight, bias)
+    _ran("linear", "fallback", why)
+    return fallback_ops().linear(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
+    """fc_in with its activation, fused into the GEMV's epilogue: gelu(x @ weight^T + bias)."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+    why = _gemv_reason(x, weight, bias)
+    if why is None:
+        _ran("linear_gelu", "cuda gemv")
+        return cuda_lib.gemv(x, weight, bias, activation="gelu_tanh")
+    _ran("linear_gelu", "fallback", why)
+    return fallback_ops().linear_gelu(x, weight, bias, activation)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T + bias + residual [N, M]: out_proj / fc_out with the residual add fused (not in the reference)."""
+    why = _gemv_reason(x, weight, bias)
+    if why is None and residual.dtype == x.dtype and residual.device == x.device and residual.stride(-1) == 1:
+        _ran("linear_residual", "cuda gemv")
+        return cuda_lib.gemv(x, weight, bias, residual=residual)
+    _ran("linear_residual", "fallback", why or "residual layout")
+    return fallback_ops().linear(x, weight, bias) + residual
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k, v [N, H, D] into one layer's pools [num_blocks, block_size, H, D] at slot_mapping [N] (-1: skip)."""
+    if _kernel_dtype(k, v, k_cache, v_cache) and slot_mapping.dtype == torch.int64:
+        _ran("write_kv_cache", "cuda")
+        return cuda_lib.kv_cache_write(k, v, k_cache, v_cache, slot_mapping.contiguous())
+    _ran("write_kv_cache", "fallback", "no CUDA kernel for these inputs")
+    return fallback_ops().write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    """One new token per sequence attending to its cached context; RoPE and the cache write happen in the kernel."""
+    if (_kernel_dtype(q, k, v, k_cache, v_cache) and q.shape[-1] in cuda_lib.ATTENTION_HEAD_DIMS
+            and rope.dtype == torch.float32 and k_cache.stride(-1) == 1):
+        _ran("decode_attention", "cuda")
+        return cuda_lib.decode_attention(
+            q, k, v, k_cache, v_cache, meta.slot_mapping, meta.positions, rope, rotary_dim,
+            meta.block_tables, meta.seq_lens,
+        )
+    _ran("decode_attention", "fallback", f"no CUDA kernel for head_dim {q.shape[-1]}, {q.dtype} on {q.device}")
+    return fallback_ops().decode_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
+
+
+# ---- ops without a CUDA kernel: the fallback's ----
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return fallback_ops().layer_norm(x, weight, bias, eps)
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return fallback_ops().gelu_new(x)
+
+
+def gelu_pytorch_tanh(x: torch.Tensor) -> torch.Tensor:
+    return fallback_ops().gelu_pytorch_tanh(x)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    return fallback_ops().apply_rope(x, positions, table, rotary_dim)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    return fallback_ops().prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)

@@ -1,0 +1,131 @@
+"""CI check of the CUDA library's build, on a machine with nvcc and no GPU (runs on a GPU machine too).
+
+One `pip wheel` (for sm_80 and sm_90, as setup.py builds it) of a copy of the source tree, then: the wheel holds
+kogpt_fast/_lib/libkogpt_cuda.so, the library exports the C ABI, and the wheel installed into a fresh target
+directory imports in a subprocess without a GPU and reports the library present and no device/driver.
+Also: KOGPT_SKIP_CUDA=1 gives a pure-Python wheel and says so.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY_IN_WHEEL = "kogpt_fast/_lib/libkogpt_cuda.so"
+ARCHS = "80;90"
+
+
+def _nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+
+
+pytestmark = pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)")
+
+
+def _copy_source(dest: Path) -> Path:
+    """The source tree without build outputs, so the build starts clean and leaves the checkout alone."""
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    ".hypothesis", ".benchmarks", "bench_out", "_lib", "*.so", "*.whl")
+    shutil.copytree(ROOT, dest, ignore=ignore)
+    return dest
+
+
+def _pip_wheel(src: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-v", "-w", str(out)],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+    )
+
+
+def _only_wheel(out: Path) -> Path:
+    wheels = list(out.glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def cuda_wheel(tmp_path_factory) -> Path:
+    src = _copy_source(tmp_path_factory.mktemp("src") / "kogpt-fast")
+    out = tmp_path_factory.mktemp("wheel")
+    cuda_home = str(Path(_nvcc()).resolve().parent.parent)
+    result = _pip_wheel(src, out, KOGPT_SKIP_CUDA="0", KOGPT_CUDA_ARCHS=ARCHS, CUDA_HOME=cuda_home)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return _only_wheel(out)
+
+
+def test_wheel_holds_the_library(cuda_wheel):
+    names = zipfile.ZipFile(cuda_wheel).namelist()
+    assert LIBRARY_IN_WHEEL in names
+    assert "kogpt_fast/kernels/__init__.py" in names and "kogpt_fast/demo/config.json" in names
+    assert "py3-none-any" not in cuda_wheel.name  # a wheel holding a .so is platform-specific
+
+
+def test_library_exports_the_c_abi(cuda_wheel, tmp_path):
+    zipfile.ZipFile(cuda_wheel).extract(LIBRARY_IN_WHEEL, tmp_path)
+    lib = ctypes.CDLL(str(tmp_path / LIBRARY_IN_WHEEL))
+    from kogpt_fast import cuda_lib
+
+    missing = [name for name in cuda_lib.EXPORTED_SYMBOLS if not hasattr(lib, name)]
+    assert not missing
+    lib.kogpt_compiled_archs.restype = ctypes.c_char_p
+    assert lib.kogpt_compiled_archs().decode() == ARCHS
+    assert lib.kogpt_abi_version() == cuda_lib.ABI_VERSION
+    # Argument checks run on the host: a distinct code and a message, no GPU needed.
+    for name, (restype, argtypes) in cuda_lib._SIGNATURES.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    rc = lib.kogpt_gemv(1, 0, 8, 64, None, 64, None, 64, None, None, 0, None, 8, 0, None)
+    assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"M=0" in lib.kogpt_last_error()
+    assert lib.kogpt_decode_attention_workspace_size(1, 1, 16, 256, 2048, 64) > 16 * 32 * 256 * 4
+
+
+PROBE = """
+import json, sys
+import kogpt_fast
+loaded_at_import = any("libkogpt_cuda" in line for line in open("/proc/self/maps"))
+from kogpt_fast import cuda_lib
+print(json.dumps({"file": kogpt_fast.__file__, "loaded_at_import": loaded_at_import,
+                  "status": cuda_lib.status(), "available": cuda_lib.is_available()}))
+"""
+
+
+def test_installed_wheel_reports_library_and_no_gpu(cuda_wheel, tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(cuda_wheel)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-4000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("KOGPT_CUDA_LIB", None)
+    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr[-4000:]
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert Path(report["file"]).resolve().is_relative_to(target.resolve())
+    assert not report["loaded_at_import"]  # importing kogpt_fast must not load the library
+    status = report["status"]
+    assert status["present"] and status["loaded"] and status["error"] is None, status
+    assert status["library"].startswith(str(target))
+    assert status["devices"] == 0 and not status["available"] and not report["available"]
+    assert status["device_error"].startswith(("no driver", "no device")), status
+
+
+def test_skip_flag_builds_a_pure_python_wheel(tmp_path):
+    src = _copy_source(tmp_path / "kogpt-fast")
+    result = _pip_wheel(src, tmp_path / "wheel", KOGPT_SKIP_CUDA="1")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    wheel = _only_wheel(tmp_path / "wheel")
+    assert wheel.name.endswith("py3-none-any.whl")
+    assert LIBRARY_IN_WHEEL not in zipfile.ZipFile(wheel).namelist()
+    assert "without the CUDA library" in result.stdout + result.stderr

@@ -1,0 +1,317 @@
+"""The CUDA library's kernels against kogpt_fast.reference (and the Triton ops, where they have the op).
+
+One test per op, parametrized over implementations against one reference. Tolerances come from the reference's
+own low-precision error: err(kernel vs fp32 reference) <= 2 * err(reference in dtype vs fp32 reference) + atol.
+Data movement (the KV cache write, RoPE on K) is compared exactly. GPU tests are marked `gpu` and skipped without
+CUDA; the CPU tests check the fallback and that nothing loads the library on the CPU path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kogpt_fast import backends, cuda_lib, cuda_ops, reference
+from kogpt_fast.kv_cache import PagedKVCache
+
+HAS_CUDA = torch.cuda.is_available()
+
+_TRITON_OPS = Path(__file__).resolve().parent.parent / "kernels" / "ops.py"
+IMPLS = ["cuda"] + (["triton"] if importlib.util.find_spec("triton") and _TRITON_OPS.is_file() else [])
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}  # fp32: exact up to summation order
+
+
+def ops_for(impl: str, op: str):
+    """The implementation's function for a reference op name (skips if that backend lacks it)."""
+    if impl == "cuda":
+        if not cuda_lib.is_available():
+            pytest.fail(f"the CUDA library is not usable: {cuda_lib.status()}")
+        module = cuda_ops
+    else:
+        module = backends.triton_kernels("ops")
+    if not hasattr(module, op):
+        pytest.skip(f"the {impl} ops module has no {op}")
+    return getattr(module, op)
+
+
+def skip_triton_off_model_shape(impl: str, head_dim: int) -> None:
+    # Odd head dims exercise the CUDA kernels' generality; the Triton ones are checked at KoGPT's 256 here.
+    if impl == "triton" and head_dim != 256:
+        pytest.skip("Triton kernels are checked here at head_dim 256 only")
+
+
+def assert_close_to_reference(out, ref32, ref_lowp, atol):
+    """err(out vs fp32 ref) <= 2 * err(reference in out's dtype vs fp32 ref) + atol (max abs error)."""
+    err = (out.float() - ref32.float()).abs().max().item()
+    ref_err = (ref_lowp.float() - ref32.float()).abs().max().item()
+    assert err <= 2 * ref_err + atol, f"kernel error {err:.3g} vs reference's own {ref_err:.3g} (+{atol})"
+
+
+# ---- CPU: fallback and lazy loading ----
+
+def test_cpu_tensors_fall_back_to_the_reference():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
+    torch.testing.assert_close(cuda_ops.linear(x, w, b), reference.linear(x, w, b), rtol=0, atol=0)
+    torch.testing.assert_close(cuda_ops.linear_gelu(x, w, b), reference.linear_gelu(x, w, b), rtol=0, atol=0)
+    assert cuda_ops.rope_table is reference.rope_table
+
+
+def test_ops_module_has_every_reference_op():
+    ops = ("layer_norm", "linear", "linear_gelu", "gelu_new", "gelu_pytorch_tanh", "rope_table", "apply_rope",
+           "write_kv_cache", "prefill_attention", "decode_attention")
+    assert all(callable(getattr(cuda_ops, n)) for n in ops)
+
+
+def test_import_and_cpu_ops_do_not_load_the_library():
+    code = ("import torch, kogpt_fast\nfrom kogpt_fast import cuda_ops\n"
+            "cuda_ops.linear(torch.randn(2, 8), torch.randn(4, 8))\n"
+            "print(any('libkogpt_cuda' in l for l in open('/proc/self/maps')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_status_never_raises():
+    info = cuda_lib.status()
+    assert {"library", "present", "loaded", "devices", "device_error", "available"} <= set(info)
+
+
+# ---- GPU: KV cache write ----
+
+def _loop_write(k, v, k_cache, v_cache, slots):
+    """The obviously-correct cache write: a Python loop over slot_mapping."""
+    block_size = k_cache.shape[1]
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            k_cache[slot // block_size, slot % block_size] = k[i]
+            v_cache[slot // block_size, slot % block_size] = v[i]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_tokens,block_size", [(1, 8), (13, 16), (37, 8)])
+@pytest.mark.parametrize("head_dim", [256, 64, 48])
+def test_write_kv_cache(impl, dtype, n_tokens, block_size, head_dim):
+    skip_triton_off_model_shape(impl, head_dim)
+    device = "cuda"
+    torch.manual_seed(n_tokens)
+    n_head, num_blocks = 3, 11
+    k = torch.randn(n_tokens, n_head, head_dim, device=device).to(dtype)
+    v = torch.randn(n_tokens, n_head, head_dim, device=device).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:n_tokens]
+    slots[::5] = -1
+    k_cache = torch.randn(num_blocks, block_size, n_head, head_dim, device=device).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    _loop_write(k, v, k_ref, v_ref, slots)
+    ops_for(impl, "write_kv_cache")(k, v, k_cache, v_cache, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(256, 64), (64, 64), (80, 32)])
+def test_kv_cache_write_with_rope_is_exact(dtype, head_dim, rotary_dim):
+    """RoPE on K in the kernel rounds as reference.apply_rope does in the same dtype: equal bits."""
+    torch.manual_seed(1)
+    n_tokens, n_head, block_size, num_blocks = 19, 4, 8, 5
+    k = torch.randn(n_tokens, n_head, head_dim, device="cuda").to(dtype)
+    v = torch.randn_like(k)
+    positions = torch.randint(0, 2048, (n_tokens,), device="cuda")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:n_tokens]
+    table = reference.rope_table(2048, rotary_dim, "cuda")
+    k_cache = torch.zeros(num_blocks, block_size, n_head, head_dim, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    _loop_write(reference.apply_rope(k, positions, table, rotary_dim), v, k_ref, v_ref, slots)
+    cuda_lib.kv_cache_write(k, v, k_cache, v_cache, slots, positions, table, rotary_dim)
+    torch.cuda.synchronize()
+    assert torch.equal(v_cache, v_ref)
+    assert torch.equal(k_cache, k_ref), (k_cache.float() - k_ref.float()).abs().max()
+
+
+# ---- GPU: decode attention ----
+
+def _decode_case(batch, block_size, head_dim, dtype, seed=0, n_head=4, rotary_dim=64):
+    """A paged cache holding random histories of odd lengths (ending mid-block), and one decode step's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(n) for n in torch.randint(1, 5 * block_size, (batch,), generator=g)]
+    lengths[0] = 3 * block_size - 1
+    cache = PagedKVCache(1, sum(-(-(n + 1) // block_size) for n in lengths) + 2, block_size, n_head, head_dim,
+                         torch.float32, "cuda")
+    cache.start(lengths)
+    prefill = cache.plan(lengths, torch.cat([torch.arange(n) for n in lengths]), is_prefill=True)
+    n = sum(lengths)
+    history_k = torch.randn(n, n_head, head_dim, generator=g).cuda()
+    history_v = torch.randn(n, n_head, head_dim, generator=g).cuda()
+    reference.write_kv_cache(history_k, history_v, cache.k[0], cache.v[0], prefill.slot_mapping)
+    meta = cache.plan([1] * batch, torch.tensor(lengths), is_prefill=False)
+    q, k, v = (torch.randn(batch, n_head, head_dim, generator=g).cuda() for _ in range(3))
+    rope = reference.rope_table(2048, min(rotary_dim, head_dim), "cuda")
+    return cache, meta, q, k, v, rope, min(rotary_dim, head_dim)
+
+
+def _run_reference(dtype, cache, meta, q, k, v, rope, rotary_dim):
+    k_cache, v_cache = cache.k[0].to(dtype).clone(), cache.v[0].to(dtype).clone()
+    out = reference.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), meta, k_cache, v_cache, rope, rotary_dim)
+    return out, k_cache, v_cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (3, 8), (5, 16)])
+@pytest.mark.parametrize("head_dim", [256, 128, 64])
+def test_decode_attention(impl, dtype, batch, block_size, head_dim):
+    skip_triton_off_model_shape(impl, head_dim)
+    case = _decode_case(batch, block_size, head_dim, dtype, seed=batch * 7 + block_size)
+    cache, meta, q, k, v, rope, rotary_dim = case
+    ref32, _, _ = _run_reference(torch.float32, *case)
+    ref_lowp, k_ref, v_ref = _run_reference(dtype, *case)
+    k_cache, v_cache = cache.k[0].to(dtype), cache.v[0].to(dtype)
+    out = ops_for(impl, "decode_attention")(q.to(dtype), k.to(dtype), v.to(dtype), meta, k_cache, v_cache, rope,
+                                            rotary_dim)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
+    if impl == "cuda":  # the fused cache write rounds RoPE as the reference does
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("partition_size", [32, 64, 512])
+def test_decode_attention_partition_sizes(partition_size):
+    """The flash-decoding split and reduction give the same answer whatever the number of splits."""
+    dtype = torch.float16
+    case = _decode_case(2, 16, 256, dtype, seed=3)
+    cache, meta, q, k, v, rope, rotary_dim = case
+    ref32, _, _ = _run_reference(torch.float32, *case)
+    ref_lowp, _, _ = _run_reference(dtype, *case)
+    k_cache, v_cache = cache.k[0].to(dtype), cache.v[0].to(dtype)
+    out = cuda_lib.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), k_cache, v_cache, meta.slot_mapping,
+                                    meta.positions, rope, rotary_dim, meta.block_tables, meta.seq_lens,
+                                    partition_size=partition_size)
+    assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
+
+
+# ---- GPU: GEMV ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (333, 264), (77, 257)])  # 257: K not a multiple of 8 (scalar path)
+@pytest.mark.parametrize("op", ["linear", "linear_bias", "linear_gelu"])
+def test_linear(impl, dtype, m, n, k, op):
+    torch.manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") / math.sqrt(k)
+    b = torch.randn(n, device="cuda")
+    args32 = (x, w) if op == "linear" else (x, w, b)
+    args = tuple(t.to(dtype) for t in args32)
+    ref_op = getattr(reference, "linear_gelu" if op == "linear_gelu" else "linear")
+    out = ops_for(impl, "linear_gelu" if op == "linear_gelu" else "linear")(*args)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_reference(out, ref_op(*args32), ref_op(*args), ATOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_linear_residual(dtype, m):
+    torch.manual_seed(m)
+    x, w = torch.randn(m, 520, device="cuda"), torch.randn(136, 520, device="cuda") / 23
+    b, r = torch.randn(136, device="cuda"), torch.randn(m, 136, device="cuda")
+    ref32 = reference.linear(x, w, b) + r
+    ref_lowp = reference.linear(x.to(dtype), w.to(dtype), b.to(dtype)) + r.to(dtype)
+    out = cuda_ops.linear_residual(x.to(dtype), w.to(dtype), b.to(dtype), r.to(dtype))
+    assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
+
+
+# ---- GPU: CUDA graphs, streams, errors ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_kernels_replay_in_a_cuda_graph():
+    """decode_attention and the GEMV captured in torch.cuda.graph, replayed on new inputs, equal eager runs."""
+    dtype = torch.float16
+    cache, meta, q, k, v, rope, rotary_dim = _decode_case(2, 16, 256, dtype, seed=5)
+    k_cache, v_cache = cache.k[0].to(dtype), cache.v[0].to(dtype)
+    w = (torch.randn(300, 2 * 4 * 256, device="cuda") / 32).to(dtype)
+    static_q, static_k, static_v = q.to(dtype), k.to(dtype), v.to(dtype)
+
+    def step():
+        a = cuda_ops.decode_attention(static_q, static_k, static_v, meta, k_cache, v_cache, rope, rotary_dim)
+        return cuda_ops.linear_gelu(a.reshape(1, -1), w, torch.zeros(300, dtype=dtype, device="cuda"))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs do
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for t in (static_q, static_k, static_v):
+            t.copy_(torch.randn(t.shape, generator=g, device="cuda").to(dtype))
+        graph.replay()
+        replayed = static_out.clone()
+        expected = step()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(replayed, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_errors_name_the_problem():
+    assert cuda_lib.is_available() and cuda_lib.status()["devices"] >= 1
+    x, w = torch.randn(17, 64, device="cuda", dtype=torch.float16), torch.randn(8, 64, device="cuda",
+                                                                             dtype=torch.float16)
+    with pytest.raises(ValueError, match="17 rows"):
+        cuda_lib.gemv(x, w)
+    with pytest.raises(ValueError, match="dtype"):
+        cuda_lib.gemv(x[:2].double(), w.double())
+    with pytest.raises(ValueError, match="kogpt_gemv.*activation"):  # refused by the library itself
+        cuda_lib._check(cuda_lib._library().kogpt_gemv(1, 1, 8, 64, x.data_ptr(), 64, w.data_ptr(), 64, None, None,
+                                                       0, x.data_ptr(), 8, 7, None), "kogpt_gemv")
+    case = _decode_case(1, 8, 96, torch.float16, n_head=2, rotary_dim=32)
+    cache, meta, q, k, v, rope, rotary_dim = case
+    with pytest.raises(ValueError, match="head_dim 96"):
+        cuda_lib.decode_attention(q.half(), k.half(), v.half(), cache.k[0].half(), cache.v[0].half(),
+                                  meta.slot_mapping, meta.positions, rope, rotary_dim, meta.block_tables,
+                                  meta.seq_lens)
+    # head_dim 96 still works through cuda_ops: it falls back to the reference.
+    out = cuda_ops.decode_attention(q.half(), k.half(), v.half(), meta, cache.k[0].half(), cache.v[0].half(), rope,
+                                    rotary_dim)
+    assert out.shape == q.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_demo_model_greedy_equals_reference_ops(monkeypatch):
+    """The demo checkpoint in fp16 through cuda_ops gives the torch backend's greedy tokens on the same GPU."""
+    from kogpt_fast import KoGPTForCausalLM
+
+    model = KoGPTForCausalLM.from_pretrained(None, device="cuda", dtype=torch.float16, backend="torch")
+    ids = torch.tensor([[0, 5, 17, 42, 9]], device="cuda")
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
+    monkeypatch.setattr(backends, "get_ops", lambda name, device: cuda_ops)
+    got = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(got, expected)
