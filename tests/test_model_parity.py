@@ -44,15 +44,18 @@ def test_greedy_unpadded_prompts(pair, prompt_len):
     assert_same_and_varied(expected, ours.generate(ids, max_new_tokens=12), prompt_len)
 
 
-def test_greedy_prompt_near_n_positions(pair):
+@pytest.mark.parametrize("n_new", [4, 1])
+def test_greedy_prompt_near_n_positions(pair, n_new):
+    """Up to n_positions + 1 tokens in all: the last new token is never fed back, so it needs no position."""
     hf, ours = pair
-    n_new = 4
-    prompt_len = hf.config.n_positions - n_new
+    prompt_len = hf.config.n_positions - n_new + 1
     ids = torch.randint(2, hf.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(5))
     expected = hf_greedy(hf, ids, torch.ones_like(ids), max_new_tokens=n_new)
     got = ours.generate(ids, max_new_tokens=n_new)
     assert torch.equal(got, expected), (expected[:, prompt_len:], got[:, prompt_len:])
-    assert got.shape[1] == hf.config.n_positions
+    assert got.shape[1] == hf.config.n_positions + 1
+    with pytest.raises(ValueError, match=f"needs {hf.config.n_positions + 1} positions"):
+        ours.generate(ids, max_new_tokens=n_new + 1)
 
 
 def left_padded_batch(lengths, vocab, pad, seed=0):

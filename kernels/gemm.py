@@ -1,0 +1,145 @@
+"""GEMM with fp32 accumulation and a fused epilogue: out = act(x @ weight^T + bias) + residual.
+
+    x        [M, K]   activations, rows contiguous in K (leading dims are flattened into M)
+    weight   [N, K]   torch Linear layout (out_features, in_features), contiguous
+    bias     [N]      optional
+    residual [M, N]   optional, added after the activation (GPT-J: out_proj / fc_out into the residual stream)
+    -> out   [M, N]   in x's dtype, rounded once from the fp32 accumulator
+
+Constexprs: HAS_BIAS / HAS_RESIDUAL (which epilogue inputs exist), GELU (tanh-approximated GELU, gelu_new, on fc_in),
+DOT_PRECISION ("ieee" for fp32 inputs: exact fp32 products for the tests; TF32 would round them),
+BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M (tiling; GROUP_M groups row tiles so neighbouring programs share weights in L2).
+
+Two configurations: a skinny one for M <= 16 (decode: a GEMV, bound by reading the weight once, so many narrow
+programs along N stream it with long K steps) and a tiled one for prefill. Under the CPU interpreter large tiles
+keep the Python per-program overhead down.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_interpretable, check_same_dtype, check_tensor, dot_precision
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    if device.type != "cuda":  # the interpreter: few, large programs (its cost is per program and per op)
+        def fit(size, cap):
+            return min(cap, max(16, triton.next_power_of_2(size)))
+
+        return GemmConfig(fit(m, 64), fit(n, 1024), fit(k, 512), num_stages=1)
+    wide = dtype == torch.float32  # 4-byte elements: half the K step for the same shared memory
+    if m <= 16:
+        return GemmConfig(16, 16, 128 if wide else 256, group_m=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return GemmConfig(64, 64, 32 if wide else 64, num_warps=4, num_stages=4)
+    return GemmConfig(128, 128, 32 if wide else 64, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def gelu_tanh(y):
+    """0.5*y*(1 + tanh(sqrt(2/pi)*(y + 0.044715*y^3))) in fp32; tanh via exp (tl's tanh is a libdevice call)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    t = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: no overflow
+    tanh_abs = (1.0 - t) / (1.0 + t)
+    tanh = tl.where(u < 0, -tanh_abs, tanh_abs)
+    return 0.5 * y * (1.0 + tanh)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Program id -> (row tile, column tile), GROUP_M row tiles at a time.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_m
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]: weight^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = rk + k0 < K
+        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=in_k[:, None] & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = gelu_tanh(acc)
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out_offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+def gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """act(x @ weight^T + bias) + residual, shapes in the module docstring; config None picks one by shape."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, dim=2, device=x.device)
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x {tuple(x.shape)} must end in weight's in_features {k} (weight {tuple(weight.shape)})")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(n,), device=x.device)
+    out_shape = (*x.shape[:-1], n)
+    if residual is not None:
+        check_tensor("residual", residual, shape=out_shape, device=x.device)
+    check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
+    check_interpretable(x.dtype, x.device)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if k == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} has in_features 0")
+    m = x.numel() // k
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or pick_config(m, n, k, x.dtype, x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _gemm_kernel[grid](
+        x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
+        m, n, k,
+        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
+        DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

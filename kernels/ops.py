@@ -1,0 +1,32 @@
+"""The triton backend: the reference's ops (kogpt_fast.reference), same names, signatures and semantics.
+
+The model calls these through kogpt_fast.backends.get_ops("triton", device). rope_table is the reference's (it
+is computed once per model, on the host side of the work).
+"""
+from __future__ import annotations
+
+import torch
+
+from kogpt_fast.reference import rope_table  # noqa: F401  (part of the ops interface)
+
+from .decode_attention import decode_attention  # noqa: F401
+from .gemm import gemm
+from .layer_norm import layer_norm  # noqa: F401
+from .prefill_attention import prefill_attention  # noqa: F401
+
+# Both spellings HF uses for GPT-J's tanh-approximated GELU compute the same function.
+GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, K] @ weight [M, K]^T + bias [M] -> [N, M]."""
+    return gemm(x, weight, bias)
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new"
+) -> torch.Tensor:
+    """fc_in with its activation, fused into the GEMM's epilogue: gelu(x @ weight^T + bias)."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+    return gemm(x, weight, bias, activation="gelu_tanh")

@@ -1,0 +1,145 @@
+"""Triton GEMM with fused epilogues (bias, GELU tanh, residual) against reference.linear / linear_gelu.
+
+Tolerance (flash-attention's convention): the kernel's error against an oracle one precision up (fp64 for fp32
+inputs, fp32 for fp16/bf16) is at most twice the error of the reference op run in the input dtype, plus a few ulps
+of slack for a different summation order. fp32 inputs go through tl.dot with IEEE precision (no TF32).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on the CPU interpreter
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kogpt_fast import backends, reference  # noqa: E402
+
+gemm = backends.triton_kernels("gemm")
+ops = backends.triton_kernels("ops")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+UP = {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ~ a few ulps at magnitude 1
+DTYPES = [torch.float32, torch.float16]  # bfloat16 only on a GPU: the interpreter cannot compute in it
+# Small tiles, so that small shapes still span several row / column tiles and K steps (and a partial last one).
+SMALL_TILES = {
+    "default": None,
+    "skinny_16x16x32": gemm.GemmConfig(16, 16, 32, group_m=1),
+    "tiled_32x32x32_grouped": gemm.GemmConfig(32, 32, 32, group_m=2),
+}
+
+
+def assert_within_reference_error(got, oracle, ref_in_dtype, dtype):
+    """|got - oracle| <= 2 * |reference in dtype - oracle| + ATOL scaled to the outputs' magnitude."""
+    err = (got.double() - oracle.double()).abs().max().item()
+    ref_err = (ref_in_dtype.double() - oracle.double()).abs().max().item()
+    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err <= 2 * ref_err + atol, f"error {err:.3g} > 2 * reference error {ref_err:.3g} + {atol:.3g}"
+
+
+def inputs(m, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randn(n, k, generator=g) / k**0.5  # outputs of order 1
+    bias = 0.5 * torch.randn(n, generator=g)
+    residual = torch.randn(m, n, generator=g)
+    return [t.to(dtype).to(DEVICE) for t in (x, weight, bias, residual)]
+
+
+def reference_gemm(x, weight, bias, residual, activation):
+    if activation:
+        out = reference.linear_gelu(x, weight, bias, "gelu_new")
+    else:
+        out = reference.linear(x, weight, bias)
+    return out if residual is None else out + residual
+
+
+def check(m, n, k, dtype, use_bias=True, activation="gelu_tanh", use_residual=False, config=None, seed=0):
+    x, weight, bias, residual = inputs(m, n, k, dtype, seed)
+    bias = bias if use_bias else None
+    residual = residual if use_residual else None
+    got = gemm.gemm(x, weight, bias, residual=residual, activation=activation, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    up = UP[dtype]
+    oracle = reference_gemm(*(t.to(up) if t is not None else None for t in (x, weight, bias, residual)), activation)
+    assert_within_reference_error(got, oracle, reference_gemm(x, weight, bias, residual, activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(SMALL_TILES))
+@pytest.mark.parametrize("m", [1, 7, 33, 130])
+def test_gemm_bias_gelu_shapes(m, config, dtype):
+    """fc_in's path (bias + GELU) over odd shapes: N and K not multiples of any tile."""
+    check(m, 72, 80, dtype, config=SMALL_TILES[config], seed=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "use_bias, activation, use_residual",
+    [(False, None, False), (True, None, False), (False, None, True), (True, None, True), (True, "gelu_tanh", True)],
+    ids=["plain", "bias", "residual", "bias_residual", "bias_gelu_residual"],
+)
+def test_gemm_epilogues(use_bias, activation, use_residual, dtype):
+    check(9, 200, 136, dtype, use_bias, activation, use_residual, config=SMALL_TILES["tiled_32x32x32_grouped"])
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh"])
+def test_ops_linear_and_linear_gelu(activation):
+    x, weight, bias, _ = inputs(5, 96, 64, torch.float32)
+    torch.testing.assert_close(ops.linear(x, weight), reference.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ops.linear_gelu(x, weight, bias, activation), reference.linear_gelu(x, weight, bias, activation),
+        rtol=1e-5, atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="activation"):
+        ops.linear_gelu(x, weight, bias, "relu")
+
+
+def test_leading_dims_are_flattened():
+    x, weight, bias, _ = inputs(6, 40, 32, torch.float32)
+    got = gemm.gemm(x.view(2, 3, 32), weight, bias)
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, reference.linear(x, weight, bias).view(2, 3, 40), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_value_errors():
+    x, weight, bias, residual = inputs(4, 40, 32, torch.float32)
+    with pytest.raises(ValueError, match="in_features"):
+        gemm.gemm(x[:, :16].contiguous(), weight)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        gemm.gemm(torch.randn(32, 4, device=DEVICE).t(), weight)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        gemm.gemm(x.half(), weight)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        gemm.gemm(x, weight, bias[:3])
+    with pytest.raises(ValueError, match="residual must have shape"):
+        gemm.gemm(x, weight, residual=residual[:, :3])
+    with pytest.raises(ValueError, match="activation"):
+        gemm.gemm(x, weight, activation="relu")
+
+
+# KoGPT-6B's projections (N, K): q/k/v/out_proj, the fused qkv, fc_in, fc_out, and an lm_head slice.
+KOGPT_SHAPES = {"attn": (4096, 4096), "qkv": (12288, 4096), "fc_in": (16384, 4096), "fc_out": (4096, 16384),
+                "lm_head_slice": (8064, 4096)}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 2048])
+@pytest.mark.parametrize("shape", sorted(KOGPT_SHAPES))
+def test_gemm_kogpt_6b_shapes(shape, m, dtype):
+    n, k = KOGPT_SHAPES[shape]
+    gelu = "gelu_tanh" if shape == "fc_in" else None
+    check(m, n, k, dtype, use_bias=shape in ("fc_in", "fc_out", "lm_head_slice"), activation=gelu,
+          use_residual=shape == "fc_out")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 64, 300])
+def test_gemm_fp32_ieee_on_gpu(m):
+    check(m, 4096, 4096, torch.float32, activation="gelu_tanh")

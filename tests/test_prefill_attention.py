@@ -1,0 +1,131 @@
+"""Triton prefill attention (causal varlen flash attention, RoPE fused, K/V into the paged cache) against
+reference.prefill_attention.
+
+Output tolerance (flash-attention's convention): the kernel's error against an oracle one precision up (the
+reference on fp64 inputs for fp32, on fp32 inputs for fp16/bf16) is at most twice the error of the reference run
+in the input dtype, plus a few ulps of slack for the online softmax's different summation order.
+The cache contents are compared exactly.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on the CPU interpreter
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kogpt_fast import backends, reference  # noqa: E402
+from kogpt_fast.kv_cache import StepMetadata  # noqa: E402
+
+prefill = backends.triton_kernels("prefill_attention")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+UP = {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ~ a few ulps at magnitude 1
+DTYPES = [torch.float32, torch.float16]  # bfloat16 only on a GPU: the interpreter cannot compute in it
+
+
+def assert_within_reference_error(got, oracle, ref_in_dtype, dtype):
+    """|got - oracle| <= 2 * |reference in dtype - oracle| + ATOL scaled to the outputs' magnitude."""
+    err = (got.double() - oracle.double()).abs().max().item()
+    ref_err = (ref_in_dtype.double() - oracle.double()).abs().max().item()
+    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err <= 2 * ref_err + atol, f"error {err:.3g} > 2 * reference error {ref_err:.3g} + {atol:.3g}"
+
+
+def packed_prefill(lens, n_head, head_dim, block_size, dtype, seed=0):
+    """q, k, v of sequences `lens` packed along N; their pages are shuffled through the pool."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    q, k, v = (torch.randn(n, n_head, head_dim, generator=g).to(dtype) for _ in range(3))
+    pages = [-(-length // block_size) for length in lens]
+    order = torch.randperm(sum(pages) + 2, generator=g).tolist()
+    tables, slots = [], []
+    for length, count in zip(lens, pages):
+        table, order = order[:count], order[count:]
+        tables.append(table + [0] * (max(pages) - count))
+        slots += [table[t // block_size] * block_size + t % block_size for t in range(length)]
+    positions = torch.cat([torch.arange(length) + 3 * b for b, length in enumerate(lens)])  # not always from 0
+    cu = torch.tensor([0] + lens).cumsum(0)
+    meta = StepMetadata(
+        positions=positions.to(DEVICE), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        cu_seqlens=cu.to(torch.int32).to(DEVICE), block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE), last_token=(cu[1:] - 1).to(DEVICE),
+        max_seqlen=max(lens), is_prefill=True,
+    )
+    cache = torch.randn(2, sum(pages) + 2, block_size, n_head, head_dim, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (q, k, v)], meta, [c.to(DEVICE) for c in cache]
+
+
+def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, seed=0):
+    (q, k, v), meta, (k_cache, v_cache) = packed_prefill(lens, n_head, head_dim, block_size, dtype, seed)
+    rope = reference.rope_table(2048 + 3 * len(lens), rotary_dim).to(DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = reference.prefill_attention(q, k, v, meta, expected_k, expected_v, rope, rotary_dim)
+    up = UP[dtype]
+    oracle = reference.prefill_attention(
+        q.to(up), k.to(up), v.to(up), meta, k_cache.to(up), v_cache.to(up), rope, rotary_dim
+    )
+    got = prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim, config=config)
+    assert torch.equal(v_cache, expected_v), "values in the cache differ from the reference"
+    assert torch.equal(k_cache, expected_k), "rotated keys in the cache differ from the reference"
+    assert_within_reference_error(got, oracle, expected, dtype)
+
+
+SMALL_TILES = prefill.AttentionConfig(16, 16)  # many query tiles and key steps even at small lengths
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lens", [[1], [7], [33], [130], [1, 7, 33, 130]], ids=lambda lens: "+".join(map(str, lens)))
+def test_prefill_kogpt_heads(lens, dtype):
+    """KoGPT's head geometry: head_dim 256, rotary_dim 64; one sequence and a packed batch of four."""
+    check(lens, 2, 256, 64, 8, dtype, seed=len(lens) + lens[0])
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16])
+@pytest.mark.parametrize(
+    "head_dim, rotary_dim", [(32, 16), (80, 80), (64, 2)], ids=["d32_rot16", "d80_full_rotary", "d64_rot2"]
+)
+def test_prefill_other_geometries_small_tiles(head_dim, rotary_dim, block_size):
+    check([7, 1, 33, 19], 3, head_dim, rotary_dim, block_size, torch.float32, config=SMALL_TILES, seed=block_size)
+
+
+def test_prefill_small_tiles_fp16():
+    check([130, 5], 2, 256, 64, 16, torch.float16, config=SMALL_TILES)
+
+
+def test_ops_module_runs_the_kernel():
+    ops = backends.triton_kernels("ops")
+    assert ops.prefill_attention is prefill.prefill_attention
+
+
+def test_bad_inputs_raise_value_errors():
+    (q, k, v), meta, (k_cache, v_cache) = packed_prefill([3, 2], 2, 32, 8, torch.float32)
+    rope = reference.rope_table(64, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="k must have shape"):
+        prefill.prefill_attention(q, k[:, :1].contiguous(), v, meta, k_cache, v_cache, rope, 16)
+    with pytest.raises(ValueError, match="k_cache must have shape"):
+        prefill.prefill_attention(q, k, v, meta, k_cache[..., :16].contiguous(), v_cache, rope, 16)
+    with pytest.raises(ValueError, match="rope table"):
+        prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope.double(), 16)
+    with pytest.raises(ValueError, match="head_dim 512 exceeds"):
+        big = torch.zeros(5, 1, 512, device=DEVICE)
+        prefill.prefill_attention(big, big, big, meta, torch.zeros(4, 8, 1, 512, device=DEVICE),
+                                  torch.zeros(4, 8, 1, 512, device=DEVICE), rope, 16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lens", [[2048], [1, 7, 130, 2048], [512] * 8], ids=["2048", "mixed", "8x512"])
+def test_prefill_kogpt_6b_shapes(lens, dtype):
+    check(lens, 16, 256, 64, 16, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_prefill_fp32_on_gpu():
+    check([1, 7, 33, 300], 4, 256, 64, 16, torch.float32)

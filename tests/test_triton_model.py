@@ -1,0 +1,156 @@
+"""The whole model on backend="triton" gives HF's greedy tokens, and the backend is chosen as documented.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 in fp32 (tl.dot in IEEE precision) and must give HF eager's
+greedy tokens exactly, as the torch backend does; the GPU tests (marked gpu) do the same on CUDA, and compare the
+demo checkpoint in fp16 with HF fp16 eager on the same GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on the CPU interpreter
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hf_reference import hf_greedy, random_hf_model  # noqa: E402
+from kogpt_fast import KoGPTForCausalLM, backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+KOGPT_HEADS = dict(n_embd=512, n_head=2, rotary_dim=64, n_layer=2)  # head_dim 256, rotary_dim 64, as KoGPT-6B
+NEW_TOKENS = 8  # the interpreter runs about a second per step
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(HF reference model, our model on the triton backend, loaded from the reference's saved checkpoint)."""
+    hf = random_hf_model(seed=3, **KOGPT_HEADS)
+    path = tmp_path_factory.mktemp("kogpt_heads")
+    hf.save_pretrained(path)
+    ours = KoGPTForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.float32, backend="triton")
+    assert ours.ops() is backends.triton_kernels("ops")
+    return hf.to(DEVICE), ours
+
+
+def left_padded_batch(lengths, vocab, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(2, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def assert_same_tokens(expected, got, prompt_len):
+    new = expected[:, prompt_len:]
+    assert len(set(new.flatten().tolist())) > 2, f"reference output is degenerate: {new.tolist()}"
+    assert got.shape == expected.shape and torch.equal(got, expected), (
+        f"tokens differ:\nexpected {new.tolist()}\ngot      {got[:, prompt_len:].tolist()}"
+    )
+
+
+@pytest.mark.parametrize("prompt_len, batch", [(1, 2), (7, 3)])
+def test_greedy_equals_hf(pair, prompt_len, batch):
+    hf, ours = pair
+    g = torch.Generator().manual_seed(prompt_len)
+    ids = torch.randint(2, hf.config.vocab_size, (batch, prompt_len), generator=g).to(DEVICE)
+    expected = hf_greedy(hf, ids, torch.ones_like(ids), max_new_tokens=NEW_TOKENS)
+    assert_same_tokens(expected, ours.generate(ids, max_new_tokens=NEW_TOKENS), prompt_len)
+
+
+def test_greedy_left_padded_batch_equals_hf(pair):
+    """Prompts of 5, 1, 17 and 9 tokens: packed varlen prefill, then decode over pages of different lengths."""
+    hf, ours = pair
+    ids, mask = left_padded_batch([5, 1, 17, 9], hf.config.vocab_size, pad=hf.config.eos_token_id)
+    expected = hf_greedy(hf, ids, mask, max_new_tokens=NEW_TOKENS)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+    assert_same_tokens(expected, got, ids.shape[1])
+
+
+# Backend choice (kogpt_fast.backends): the triton backend where it can run, torch by default on the CPU.
+
+
+def test_auto_stays_on_torch_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("KOGPT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.resolve("auto", torch.device("cpu")) == "torch"  # the interpreter is for tests
+    monkeypatch.setenv("KOGPT_BACKEND", "triton")
+    assert backends.resolve("auto", torch.device("cpu")) == "triton"
+    assert backends.get_ops("auto", torch.device("cpu")) is backends.triton_kernels("ops")
+
+
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backends.resolve("triton", torch.device("cpu"))
+    monkeypatch.setenv("KOGPT_BACKEND", "triton")
+    with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backends.get_ops("auto", torch.device("cpu"))
+
+
+def test_triton_is_unavailable_off_cuda_and_cpu():
+    with pytest.raises(backends.BackendUnavailable, match="CUDA devices"):
+        backends.resolve("triton", torch.device("meta"))
+
+
+@needs_cuda
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv("KOGPT_BACKEND", raising=False)
+    assert backends.resolve("auto", torch.device("cuda")) == "triton"
+
+
+def test_importing_kogpt_fast_does_not_import_triton():
+    code = (
+        "import sys, torch\n"
+        "before = 'triton' in sys.modules  # (a torch build may import it itself)\n"
+        "import kogpt_fast, kogpt_fast.model, kogpt_fast.backends, kogpt_fast.generation\n"
+        "kogpt_fast.backends.resolve('auto', torch.device('cpu'))\n"
+        "assert before or 'triton' not in sys.modules, 'importing kogpt_fast imported triton'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KOGPT_BACKEND"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
+
+
+# On a GPU: fp32 parity as above, and the demo checkpoint in fp16 against HF fp16 eager on the same GPU.
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_greedy_equals_hf_on_gpu_fp32_longer(pair):
+    hf, ours = pair
+    ids, mask = left_padded_batch([5, 1, 17, 40, 9, 2, 33, 12], hf.config.vocab_size, pad=hf.config.eos_token_id)
+    expected = hf_greedy(hf, ids, mask, max_new_tokens=32)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32)
+    assert_same_tokens(expected, got, ids.shape[1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_demo_checkpoint_fp16_equals_hf_fp16_eager():
+    """20 prompts x 64 new tokens, one at a time (no padding), fp16: the issue's acceptance check."""
+    from transformers import GPTJForCausalLM
+
+    from kogpt_fast import demo_model_path
+
+    path = demo_model_path()
+    hf = GPTJForCausalLM.from_pretrained(path, dtype=torch.float16, attn_implementation="eager").to(DEVICE)
+    ours = KoGPTForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.float16, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    differing = []
+    for i in range(20):
+        prompt_len = int(torch.randint(1, 40, (1,), generator=g))
+        ids = torch.randint(2, hf.config.vocab_size, (1, prompt_len), generator=g).to(DEVICE)
+        expected = hf_greedy(hf.eval(), ids, torch.ones_like(ids), max_new_tokens=64)
+        got = ours.generate(ids, max_new_tokens=64)
+        if not torch.equal(got, expected):
+            first = int((got[0] != expected[0]).nonzero()[0]) - prompt_len if got.shape == expected.shape else -1
+            differing.append((i, prompt_len, first))
+    assert not differing, f"(prompt, prompt_len, first differing new token) for prompts that differ: {differing}"
