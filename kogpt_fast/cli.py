@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 import traceback
@@ -87,6 +88,9 @@ def convert_main(argv: list[str]) -> int:
 def load(args):
     from . import KoGPTForCausalLM, KoGPTTokenizer
 
+    if args.debug:  # e.g. which implementation each op of the cuda backend ran on
+        logging.basicConfig(format="[debug] %(name)s: %(message)s")
+        logging.getLogger("kogpt_fast").setLevel(logging.DEBUG)
     start = time.perf_counter()
     tokenizer = KoGPTTokenizer.from_pretrained(args.model)
     model = KoGPTForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)

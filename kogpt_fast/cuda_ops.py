@@ -25,9 +25,13 @@ _logged: set[tuple[str, str]] = set()
 GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both spell GPT-J's tanh-approximated GELU
 
 
-def fallback_ops() -> ModuleType:
-    """Where ops without a CUDA kernel go. The torch reference today; the Triton ops module
-    (kogpt_fast.backends.triton_kernels("ops")) is the intended target once it is complete."""
+def fallback_ops(device: torch.device) -> ModuleType:
+    """Where ops without a CUDA kernel (or inputs the kernels do not take) go: the Triton ops on a CUDA device
+    where Triton imports, else the torch reference."""
+    from . import backends
+
+    if device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
+        return backends.triton_kernels("ops")
     return reference
 
 
@@ -64,7 +68,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _ran("linear", "cuda gemv")
         return cuda_lib.gemv(x, weight, bias)
     _ran("linear", "fallback", why)
-    return fallback_ops().linear(x, weight, bias)
+    return fallback_ops(x.device).linear(x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
@@ -76,7 +80,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activ
         _ran("linear_gelu", "cuda gemv")
         return cuda_lib.gemv(x, weight, bias, activation="gelu_tanh")
     _ran("linear_gelu", "fallback", why)
-    return fallback_ops().linear_gelu(x, weight, bias, activation)
+    return fallback_ops(x.device).linear_gelu(x, weight, bias, activation)
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -87,7 +91,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         _ran("linear_residual", "cuda gemv")
         return cuda_lib.gemv(x, weight, bias, residual=residual)
     _ran("linear_residual", "fallback", why or "residual layout")
-    return fallback_ops().linear(x, weight, bias) + residual
+    return fallback_ops(x.device).linear(x, weight, bias) + residual
 
 
 def write_kv_cache(
@@ -98,7 +102,7 @@ def write_kv_cache(
         _ran("write_kv_cache", "cuda")
         return cuda_lib.kv_cache_write(k, v, k_cache, v_cache, slot_mapping.contiguous())
     _ran("write_kv_cache", "fallback", "no CUDA kernel for these inputs")
-    return fallback_ops().write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def decode_attention(
@@ -120,25 +124,25 @@ def decode_attention(
             meta.block_tables, meta.seq_lens,
         )
     _ran("decode_attention", "fallback", f"no CUDA kernel for head_dim {q.shape[-1]}, {q.dtype} on {q.device}")
-    return fallback_ops().decode_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
+    return fallback_ops(q.device).decode_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
 
 
 # ---- ops without a CUDA kernel: the fallback's ----
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return fallback_ops().layer_norm(x, weight, bias, eps)
+    return fallback_ops(x.device).layer_norm(x, weight, bias, eps)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return fallback_ops().gelu_new(x)
+    return reference.gelu_new(x)
 
 
 def gelu_pytorch_tanh(x: torch.Tensor) -> torch.Tensor:
-    return fallback_ops().gelu_pytorch_tanh(x)
+    return reference.gelu_pytorch_tanh(x)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    return fallback_ops().apply_rope(x, positions, table, rotary_dim)
+    return reference.apply_rope(x, positions, table, rotary_dim)
 
 
 def prefill_attention(
@@ -151,4 +155,4 @@ def prefill_attention(
     rope: torch.Tensor,
     rotary_dim: int,
 ) -> torch.Tensor:
-    return fallback_ops().prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
+    return fallback_ops(q.device).prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
