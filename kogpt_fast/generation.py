@@ -209,11 +209,13 @@ class GenerationMixin:
         prompt_len = input_ids.shape[1]
         max_length = cfg.max_length if cfg.max_new_tokens is None else prompt_len + cfg.max_new_tokens
         lengths = attention_mask.sum(dim=1).tolist()  # real tokens per row
-        longest_context = max(lengths) + max(max_length - prompt_len, 0)
-        if longest_context > self.config.n_positions:
+        new_tokens = max(max_length - prompt_len, 0)
+        # Every token but the last new one is fed to the model and needs a position (as in HF).
+        fed = max(lengths) + max(new_tokens - 1, 0)
+        if fed > self.config.n_positions:
             raise ValueError(
-                f"prompt ({max(lengths)} tokens) plus new tokens ({max_length - prompt_len}) is "
-                f"{longest_context} tokens, beyond the model's n_positions={self.config.n_positions}"
+                f"prompt ({max(lengths)} tokens) plus new tokens ({new_tokens}) needs {fed} positions, beyond the "
+                f"model's n_positions={self.config.n_positions}"
             )
         if seed is not None and generator is None:
             generator = torch.Generator(device=device).manual_seed(seed)
