@@ -12,8 +12,11 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers  # the reference (a test dependency); kogpt_fast itself never imports it
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis (a test extra) is not installed")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from tokenizer_fixtures import KOGPT_CONFIG, build_sentencepiece_model, build_tokenizer_json, write_json
 
 from kogpt_fast.tokenizer import BatchEncoding, KoGPTTokenizer

@@ -1,0 +1,319 @@
+"""End-to-end generation: kogpt-fast on each backend against HF transformers and a compiled-PyTorch GPT-J.
+
+Every system runs the same greedy work on the same weights (one set of tensors on the device, shared, HF names)
+and the same random prompts: `generate(ids [B, T], n)` makes exactly n new tokens (eos suppressed, as HF's
+min_new_tokens=n does, so no run stops early). What is measured, each a median over runs after a warm-up run:
+  time_to_first_token   generate(prompt, 1): prefill plus the first token, batch 1
+  decode_ms_per_token   (T(n) - T(1)) / (n - 1) at batch 1: the cost of one more token
+  tokens_per_s          B * n / T(n) at batch B: the whole request, prefill included
+  decode_tokens_per_s   B * (n - 1) / (T(n) - T(1))
+Random fp16 weights of the model's shape are made on the device (never a 6B fp32 copy in host memory);
+`--model PATH` loads a real checkpoint with kogpt-fast's loader and hands the same tensors to every system.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kogpt_fast.config import GPTJConfig
+
+from .compiled_baseline import GPTJ, StaticCacheGenerator
+
+HF_EAGER, HF_SDPA, COMPILED = "hf-eager", "hf-sdpa", "pytorch-compiled"
+STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off (CPU, or --no-compile)
+
+
+def kogpt_name(backend: str) -> str:
+    return f"kogpt-fast[{backend}]"
+
+
+# ---- weights -------------------------------------------------------------------------------------------------
+
+def random_weights(config: GPTJConfig, device, dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """HF-named random weights made on the device: N(0, 1/fan_in) matrices, LayerNorm gains near 1."""
+    from kogpt_fast.model import KoGPTForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in KoGPTForCausalLM(config).named_parameters()}
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if name.endswith(("ln_1.weight", "ln_f.weight")):
+            t.normal_(1.0, 0.1, generator=g)
+        elif name.endswith("bias"):
+            t.normal_(0.0, 0.1, generator=g)
+        elif name == "transformer.wte.weight":
+            t.normal_(0.0, 1.0, generator=g)
+        else:
+            t.normal_(0.0, shape[-1] ** -0.5, generator=g)
+        weights[name] = t
+    if config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    return weights
+
+
+def checkpoint_weights(path: str, device, dtype) -> tuple[GPTJConfig, dict[str, torch.Tensor]]:
+    """A real checkpoint through kogpt-fast's loader (tensor by tensor onto the device)."""
+    from kogpt_fast.model import KoGPTForCausalLM
+
+    model = KoGPTForCausalLM.from_pretrained(path, device=device, dtype=dtype, backend="torch", progress=True)
+    weights = {name: p.data for name, p in model.named_parameters()}
+    weights.setdefault("lm_head.weight", weights["transformer.wte.weight"])  # tied: named once
+    return model.config, weights
+
+
+# ---- systems -------------------------------------------------------------------------------------------------
+
+class System:
+    name: str
+    info: dict
+
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:  # [B, T] -> [B, T + n]
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the KV cache between cases."""
+
+
+class KoGPTSystem(System):
+    def __init__(self, config: GPTJConfig, weights: dict, backend: str):
+        from kogpt_fast.model import KoGPTForCausalLM
+
+        with torch.device("meta"):
+            model = KoGPTForCausalLM(config, backend=backend)
+        for name, _ in list(model.named_parameters()):
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._parameters[attr] = nn.Parameter(weights[name], requires_grad=False)
+        self.model = model.eval()
+        self.name = kogpt_name(backend)
+        self.info = {"backend": backend}
+
+    def generate(self, ids, n):
+        return self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def release(self):
+        self.model.kv_cache = None
+
+
+class HFSystem(System):
+    def __init__(self, config: GPTJConfig, weights: dict, attn_implementation: str):
+        import transformers
+        from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
+
+        transformers.logging.set_verbosity_error()
+        dtype = weights["lm_head.weight"].dtype
+        device = weights["lm_head.weight"].device
+        hf_config = transformers.GPTJConfig(**config.to_dict())
+        with torch.device("meta"):
+            model = transformers.GPTJForCausalLM._from_config(
+                hf_config, attn_implementation=attn_implementation, dtype=dtype)
+        model.load_state_dict(weights, strict=True, assign=True)
+        for block in model.transformer.h:  # a buffer made on the meta device: remake it where the weights are
+            attn = block.attn
+            attn.embed_positions = create_sinusoidal_positions(attn.max_positions, attn.pos_embd_dim).to(device)
+        self.model = model.eval()
+        self.eos = config.eos_token_ids[0] if config.eos_token_ids else None
+        self.name = HF_EAGER if attn_implementation == "eager" else f"hf-{attn_implementation}"
+        self.info = {"transformers": transformers.__version__, "attn_implementation": attn_implementation}
+
+    def generate(self, ids, n):
+        return self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, pad_token_id=self.eos,
+        )
+
+
+class CompiledSystem(System):
+    def __init__(self, config: GPTJConfig, weights: dict, compile: bool):
+        eos = config.eos_token_ids[0] if config.eos_token_ids else None
+        self.generator = StaticCacheGenerator(GPTJ.from_state_dict(config, weights), compile, suppress_token_id=eos)
+        self.name = COMPILED if compile else STATIC_EAGER
+        self.info = {"torch_compile": "reduce-overhead" if compile else None}
+
+    def generate(self, ids, n):
+        return self.generator.generate(ids, n)
+
+    def release(self):
+        self.generator.release()
+
+
+@dataclass
+class SystemSpec:
+    name: str
+    build: Callable[[], System]
+
+
+def system_specs(config, weights, backends: list[str], wanted: set[str] | None, compile: bool) -> list[SystemSpec]:
+    """kogpt-fast on each backend, HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
+    specs = [SystemSpec(kogpt_name(b), lambda b=b: KoGPTSystem(config, weights, b)) for b in backends]
+    specs += [
+        SystemSpec(HF_EAGER, lambda: HFSystem(config, weights, "eager")),
+        SystemSpec(HF_SDPA, lambda: HFSystem(config, weights, "sdpa")),
+        SystemSpec(COMPILED if compile else STATIC_EAGER, lambda: CompiledSystem(config, weights, compile)),
+    ]
+    if wanted is None:
+        return specs
+
+    def family(name):
+        return "kogpt" if name.startswith("kogpt-fast") else "compiled" if name in (COMPILED, STATIC_EAGER) else name
+
+    return [s for s in specs if s.name in wanted or family(s.name) in wanted]
+
+
+# ---- cases ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class E2ECase:
+    kind: str  # "ttft", "decode" (batch-1 latency) or "throughput"
+    batch: int
+    prompt: int
+    new_tokens: int
+
+    @property
+    def params(self) -> dict:
+        return {"batch": self.batch, "prompt": self.prompt, "new_tokens": self.new_tokens}
+
+
+def e2e_cases(config: GPTJConfig, device: torch.device, quick: bool) -> list[E2ECase]:
+    # A prompt of n_positions tokens leaves no room for a new one in kogpt_fast.generate (prompt + new tokens
+    # <= n_positions), so the long prompt is n_positions - 1 tokens (2047 on KoGPT-6B).
+    longest = config.n_positions - 1
+    if device.type != "cuda":
+        return [E2ECase("decode", 1, 8, 16), E2ECase("ttft", 1, 16, 1), E2ECase("ttft", 1, min(64, longest), 1),
+                E2ECase("throughput", 4, 16, 8)]
+    cases = [E2ECase("decode", 1, 32, 64 if quick else 128), E2ECase("ttft", 1, 128, 1),
+             E2ECase("ttft", 1, min(2048, longest), 1)]
+    if not quick:
+        cases.append(E2ECase("throughput", 16, 128, 64))
+    cases.append(E2ECase("throughput", 64, 128, 32 if quick else 64))
+    return cases
+
+
+def _timed(system: System, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = system.generate(ids, n)
+    sync()
+    elapsed = time.perf_counter() - t0
+    if out.shape != (ids.shape[0], ids.shape[1] + n):
+        raise RuntimeError(f"{system.name} returned shape {tuple(out.shape)}, expected {(ids.shape[0], ids.shape[1] + n)}")
+    return elapsed, out
+
+
+def measure(system: System, case: E2ECase, ids: torch.Tensor, runs: int) -> tuple[list[dict], torch.Tensor]:
+    """The figures of one case on one system, and the tokens of its first run."""
+    first_s, tokens = _timed(system, ids, case.new_tokens)  # warm-up: allocation, autotuning, compilation
+    full = [_timed(system, ids, case.new_tokens)[0] for _ in range(runs)]
+    t_full = statistics.median(full)
+    base = {"system": system.name, "kind": case.kind, "params": case.params,
+            "runs_s": full, "first_run_s": first_s}
+    if case.kind == "ttft":
+        return [{**base, "metric": "time_to_first_token", "value": t_full * 1e3, "unit": "ms"}], tokens
+    _timed(system, ids, 1)
+    one = [_timed(system, ids, 1)[0] for _ in range(runs)]
+    t_one = statistics.median(one)
+    base["runs_first_token_s"] = one
+    per_token_s = max(t_full - t_one, 1e-9) / (case.new_tokens - 1)
+    b = case.batch
+    if case.kind == "decode":
+        return [
+            {**base, "metric": "decode_ms_per_token", "value": per_token_s * 1e3, "unit": "ms/token"},
+            {**base, "metric": "request_s", "value": t_full, "unit": "s"},
+        ], tokens
+    return [
+        {**base, "metric": "tokens_per_s", "value": b * case.new_tokens / t_full, "unit": "tokens/s"},
+        {**base, "metric": "decode_tokens_per_s", "value": b / per_token_s, "unit": "tokens/s"},
+    ], tokens
+
+
+def _release(system: System, device: torch.device) -> None:
+    system.release()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+BASELINES = (HF_EAGER, COMPILED, STATIC_EAGER)
+
+
+def attach_baselines(records: list[dict]) -> None:
+    """Each figure gets the same figure of the baseline systems measured in this run."""
+    by_key = {}
+    for r in records:
+        if "value" in r:
+            by_key[(r["metric"], tuple(sorted(r["params"].items())), r["system"])] = r
+    for r in records:
+        if "value" not in r:
+            continue
+        key = (r["metric"], tuple(sorted(r["params"].items())))
+        r["baselines"] = {
+            name: {"value": by_key[key + (name,)]["value"], "unit": r["unit"]}
+            for name in BASELINES if name != r["system"] and key + (name,) in by_key
+        }
+
+
+def agreement(tokens: dict[str, torch.Tensor], prompt_len: int) -> list[dict]:
+    """How many leading new tokens each system shares with the reference (HF eager if it ran): information only,
+    fp16 systems may part after a near-tie."""
+    if not tokens:
+        return []
+    reference = HF_EAGER if HF_EAGER in tokens else next(iter(tokens))
+    ref = tokens[reference][:, prompt_len:]
+    out = []
+    for name, t in tokens.items():
+        if name == reference:
+            continue
+        same = (t[:, prompt_len:] == ref).cpu()
+        prefix = int(same.long().cumprod(dim=1).sum(dim=1).min())
+        out.append({"system": name, "reference": reference, "common_prefix_tokens": prefix,
+                    "new_tokens": ref.shape[1]})
+    return out
+
+
+def run(config: GPTJConfig, weights: dict, specs: list[SystemSpec], cases: list[E2ECase], runs: int,
+        deadline: float | None, on_record: Callable[[dict], None]) -> dict:
+    """All systems are built first (they share the weights), then each case runs on each system in turn."""
+    device = weights["lm_head.weight"].device
+    systems: list[System] = []
+    skipped = []
+    for spec in specs:
+        try:
+            systems.append(spec.build())
+        except Exception as e:  # e.g. HF refuses attn_implementation="sdpa" for GPT-J, or transformers is absent
+            skipped.append({"system": spec.name, "reason": _one_line(e)})
+    agree = []
+    for index, case in enumerate(cases):
+        g = torch.Generator().manual_seed(1000 + index)
+        ids = torch.randint(2, config.vocab_size, (case.batch, case.prompt), generator=g).to(device)
+        first_tokens = {}
+        for system in systems:
+            if deadline is not None and time.monotonic() > deadline:
+                on_record({"system": system.name, "kind": case.kind, "params": case.params,
+                           "skipped": "time budget exhausted"})
+                continue
+            try:
+                records, tokens = measure(system, case, ids, runs)
+                first_tokens[system.name] = tokens
+                for r in records:
+                    on_record({**r, "system_info": system.info})
+            except Exception as e:
+                on_record({"system": system.name, "kind": case.kind, "params": case.params, "error": _one_line(e)})
+            finally:
+                _release(system, device)
+        if case.kind != "ttft":
+            agree += [{**a, "params": case.params} for a in agreement(first_tokens, case.prompt)]
+    return {"systems": [{"name": s.name, **s.info} for s in systems], "skipped_systems": skipped,
+            "token_agreement": agree}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]

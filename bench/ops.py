@@ -1,0 +1,376 @@
+"""Per-op benchmarks at a model's shapes, on each runnable backend, against the library baseline of each op.
+
+Ops are looked up by the names of kogpt_fast/reference.py on each backend's ops module:
+  linear, linear_gelu  the projections at M tokens: qkv (fused, d -> 3d), out_proj (d -> d; q, k, v unfused are
+                       the same shape), fc_in (+bias +GELU, d -> d_ff), fc_out (+bias, d_ff -> d),
+                       lm_head (+bias, d -> vocab). Baseline: cuBLAS through F.linear, plus a separate F.gelu
+                       for fc_in.
+  prefill_attention    causal attention over one T-token sequence, with RoPE and the paged KV-cache write.
+                       Baseline: SDPA (flash), which does the attention only.
+  decode_attention     one new token per sequence over a paged cache of `context` tokens, RoPE and cache write
+                       included. Baseline: SDPA over a contiguous [B, H, context, D] cache.
+  write_kv_cache       K and V of N tokens into the block pool at slot_mapping. Baseline: index_copy_.
+  layer_norm           [M, d]. Baseline: F.layer_norm.
+
+Every figure is judged against the roofline measured in the same run (timing.measure_peaks):
+time >= max(bytes / copy bandwidth, flops / matmul peak). `bytes` is the traffic the op cannot avoid (inputs
+read once, outputs written once); a baseline that does less (SDPA writes no cache) is credited its own bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kogpt_fast.config import GPTJConfig
+from kogpt_fast.kv_cache import PagedKVCache
+
+from .timing import Peaks, Timer, copies_for
+
+BLOCK_SIZE = 16  # the model's kv_block_size
+
+Call = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Case:
+    op: str  # the ops-module function under test
+    name: str  # which instance of it: "fc_in", "prefill", ...
+    params: dict  # the shape
+    bytes: int  # traffic the op cannot avoid
+    flops: int
+    set_bytes: int  # bytes of one copy of the inputs: decides how many copies are rotated
+    op_call: Callable[[ModuleType, int], Call]  # (ops module, copy index) -> a call returning the output
+    baseline_name: str
+    baseline_call: Callable[[int], Call]  # copy index -> a call
+    baseline_bytes: int | None = None  # when the baseline does less work than the op
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+@dataclass
+class Shapes:
+    """Which sizes to run: tokens M for projections and LayerNorm, T for prefill, context x batch for decode."""
+
+    tokens: list[int]
+    prefill: list[int]
+    decode_context: list[int]
+    decode_batch: list[int]
+    kv_write: list[int]
+    layer_norm: list[int]
+
+
+def shapes_for(device: torch.device, quick: bool) -> Shapes:
+    if device.type != "cuda":  # tiny shapes: a smoke test of the machinery, seconds on a CPU
+        if quick:
+            return Shapes([1, 16], [32], [32], [1, 4], [16], [16])
+        return Shapes([1, 4, 16, 64], [16, 64], [16, 64], [1, 4], [4, 64], [1, 64])
+    if quick:
+        return Shapes([1, 64, 2048], [128, 2048], [512, 2048], [1, 64], [64, 2048], [1, 2048])
+    return Shapes([1, 4, 16, 64, 256, 2048], [128, 512, 2048], [128, 512, 2048], [1, 16, 64], [1, 64, 2048],
+                  [1, 64, 2048])
+
+
+class _Random:
+    """Seeded inputs on the device: copy i of a case is the same tensor on every backend."""
+
+    def __init__(self, device, dtype, key: str):
+        self.device, self.dtype = device, dtype
+        self.g = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+
+    def randn(self, *shape, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=self.g, device=self.device, dtype=self.dtype)
+        return t.mul_(scale).add_(offset) if (scale != 1.0 or offset) else t
+
+
+def _sdpa_flash():
+    """A context that restricts SDPA to flash attention on CUDA (a no-op elsewhere or on old torch)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def projection_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
+    d, ff, vocab = c.n_embd, c.n_inner, c.vocab_size
+    elt = torch.tensor([], dtype=dtype).element_size()
+    shapes = [  # (name, K, N, bias, gelu)
+        ("qkv", d, 3 * d, False, False),
+        ("out_proj", d, d, False, False),
+        ("fc_in", d, ff, True, True),
+        ("fc_out", ff, d, True, False),
+        ("lm_head", d, vocab, True, False),
+    ]
+    library = "cublas" if torch.device(device).type == "cuda" else "F.linear"
+    cases = []
+    for name, k, n, has_bias, gelu in shapes:
+        for m in tokens:
+            def inputs(i, name=name, k=k, n=n, m=m, has_bias=has_bias):
+                r = _Random(device, dtype, f"{name}/{m}/{i}")
+                x = r.randn(m, k)
+                w = r.randn(n, k, scale=k**-0.5)
+                b = r.randn(n, scale=0.1) if has_bias else None
+                return x, w, b
+
+            def op_call(ops, i, inputs=inputs, gelu=gelu):
+                x, w, b = inputs(i)
+                if gelu:
+                    return lambda: ops.linear_gelu(x, w, b, c.activation_function)
+                return lambda: ops.linear(x, w, b)
+
+            def baseline_call(i, inputs=inputs, gelu=gelu):
+                x, w, b = inputs(i)
+                if gelu:
+                    return lambda: F.gelu(F.linear(x, w, b), approximate="tanh")
+                return lambda: F.linear(x, w, b)
+
+            nbytes = (m * k + n * k + m * n + (n if has_bias else 0)) * elt
+            cases.append(Case(
+                op="linear_gelu" if gelu else "linear", name=name, params={"M": m, "K": k, "N": n},
+                bytes=nbytes, flops=2 * m * n * k, set_bytes=nbytes, op_call=op_call,
+                baseline_name=f"{library}+gelu" if gelu else library, baseline_call=baseline_call,
+            ))
+    return cases
+
+
+def _paged_cache(c: GPTJConfig, lengths: list[int], new_tokens: int, device, dtype, r: _Random):
+    """A one-layer paged cache holding `lengths[b]` random tokens per sequence, planned for `new_tokens` more."""
+    cache = PagedKVCache(1, sum(-(-(n + new_tokens) // BLOCK_SIZE) for n in lengths), BLOCK_SIZE, c.n_head,
+                         c.head_dim, dtype, device)
+    cache.k.normal_(generator=r.g)
+    cache.v.normal_(generator=r.g)
+    cache.start(lengths)
+    if any(lengths):
+        cache.plan(lengths, torch.zeros(sum(lengths), dtype=torch.int64), is_prefill=True)
+    return cache
+
+
+def prefill_cases(c: GPTJConfig, lengths: list[int], device, dtype) -> list[Case]:
+    h, dh = c.n_head, c.head_dim
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for t in lengths:
+        def op_call(ops, i, t=t):
+            r = _Random(device, dtype, f"prefill/{t}/{i}")
+            q, k, v = (r.randn(t, h, dh) for _ in range(3))
+            cache = _paged_cache(c, [0], t, device, dtype, r)
+            meta = cache.plan([t], torch.arange(t), is_prefill=True)
+            rope = ops.rope_table(c.n_positions, c.rotary_dim, device)
+            return lambda: ops.prefill_attention(q, k, v, meta, cache.k[0], cache.v[0], rope, c.rotary_dim)
+
+        def baseline_call(i, t=t):
+            r = _Random(device, dtype, f"prefill-sdpa/{t}/{i}")
+            q, k, v = (r.randn(1, h, t, dh) for _ in range(3))
+
+            def call():
+                with _sdpa_flash() if q.is_cuda else contextlib.nullcontext():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return call
+
+        qkvo = 4 * t * h * dh * elt
+        cases.append(Case(
+            op="prefill_attention", name="prefill", params={"T": t, "H": h, "D": dh},
+            bytes=qkvo + 2 * t * h * dh * elt, flops=2 * h * dh * t * (t + 1), set_bytes=qkvo + 2 * t * h * dh * elt,
+            op_call=op_call, baseline_name="sdpa-flash" if device.type == "cuda" else "sdpa",
+            baseline_call=baseline_call, baseline_bytes=qkvo,
+            notes=["the op also applies RoPE and writes K, V to the paged cache; the baseline does neither"],
+        ))
+    return cases
+
+
+def decode_cases(c: GPTJConfig, contexts: list[int], batches: list[int], device, dtype) -> list[Case]:
+    h, dh = c.n_head, c.head_dim
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for ctx in contexts:
+        for b in batches:
+            def op_call(ops, i, ctx=ctx, b=b):
+                r = _Random(device, dtype, f"decode/{ctx}/{b}/{i}")
+                q, k, v = (r.randn(b, h, dh) for _ in range(3))
+                cache = _paged_cache(c, [ctx - 1] * b, 1, device, dtype, r)
+                meta = cache.plan([1] * b, torch.full((b,), ctx - 1), is_prefill=False)
+                rope = ops.rope_table(c.n_positions, c.rotary_dim, device)
+                return lambda: ops.decode_attention(q, k, v, meta, cache.k[0], cache.v[0], rope, c.rotary_dim)
+
+            def baseline_call(i, ctx=ctx, b=b):
+                r = _Random(device, dtype, f"decode-sdpa/{ctx}/{b}/{i}")
+                q = r.randn(b, h, 1, dh)
+                k, v = r.randn(b, h, ctx, dh), r.randn(b, h, ctx, dh)
+                return lambda: F.scaled_dot_product_attention(q, k, v)
+
+            kv = 2 * b * ctx * h * dh * elt
+            small = b * h * dh * elt  # q, k, v in; out; k, v written
+            cases.append(Case(
+                op="decode_attention", name="decode", params={"context": ctx, "batch": b, "H": h, "D": dh},
+                bytes=kv + 6 * small, flops=4 * b * h * ctx * dh, set_bytes=kv + 6 * small, op_call=op_call,
+                baseline_name="sdpa-contiguous", baseline_call=baseline_call, baseline_bytes=kv + 2 * small,
+                notes=["the op reads a paged cache, applies RoPE to the new q, k and writes them; the baseline "
+                       "attends over a contiguous cache"],
+            ))
+    return cases
+
+
+def kv_write_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
+    h, dh = c.n_head, c.head_dim
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for n in tokens:
+        def inputs(i, n=n):
+            r = _Random(device, dtype, f"kv_write/{n}/{i}")
+            k, v = r.randn(n, h, dh), r.randn(n, h, dh)
+            blocks = 2 * -(-n // BLOCK_SIZE)
+            k_cache, v_cache = r.randn(blocks, BLOCK_SIZE, h, dh), r.randn(blocks, BLOCK_SIZE, h, dh)
+            slots = torch.randperm(blocks * BLOCK_SIZE, generator=r.g, device=device)[:n]
+            return k, v, k_cache, v_cache, slots
+
+        def op_call(ops, i, inputs=inputs):
+            k, v, k_cache, v_cache, slots = inputs(i)
+            return lambda: (ops.write_kv_cache(k, v, k_cache, v_cache, slots), k_cache)[1]
+
+        def baseline_call(i, inputs=inputs):
+            k, v, k_cache, v_cache, slots = inputs(i)
+
+            def call():
+                k_cache.view(-1, h, dh).index_copy_(0, slots, k)
+                v_cache.view(-1, h, dh).index_copy_(0, slots, v)
+                return k_cache
+            return call
+
+        nbytes = 4 * n * h * dh * elt + 8 * n
+        cases.append(Case(
+            op="write_kv_cache", name="kv_write", params={"N": n, "H": h, "D": dh}, bytes=nbytes, flops=0,
+            set_bytes=nbytes, op_call=op_call, baseline_name="index_copy", baseline_call=baseline_call,
+        ))
+    return cases
+
+
+def layer_norm_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
+    d, eps = c.n_embd, c.layer_norm_epsilon
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for m in tokens:
+        def inputs(i, m=m):
+            r = _Random(device, dtype, f"layer_norm/{m}/{i}")
+            return r.randn(m, d), r.randn(d, scale=0.1, offset=1.0), r.randn(d, scale=0.1)
+
+        def op_call(ops, i, inputs=inputs):
+            x, w, b = inputs(i)
+            return lambda: ops.layer_norm(x, w, b, eps)
+
+        def baseline_call(i, inputs=inputs):
+            x, w, b = inputs(i)
+            return lambda: F.layer_norm(x, (d,), w, b, eps)
+
+        nbytes = (2 * m * d + 2 * d) * elt
+        cases.append(Case(
+            op="layer_norm", name="layer_norm", params={"M": m, "d": d}, bytes=nbytes, flops=8 * m * d,
+            set_bytes=nbytes, op_call=op_call, baseline_name="torch-layer_norm", baseline_call=baseline_call,
+        ))
+    return cases
+
+
+# The order of the tables and plots.
+NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "prefill", "decode", "kv_write", "layer_norm")
+
+
+def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
+    """In the order they run: what decides decode speed first (M=1 projections, decode attention), then prefill,
+    so that a run cut short by --budget has measured what matters most."""
+    first, rest = shapes.tokens[:1], shapes.tokens[1:]
+    return (
+        projection_cases(c, first, device, dtype)
+        + decode_cases(c, shapes.decode_context, shapes.decode_batch, device, dtype)
+        + prefill_cases(c, shapes.prefill, device, dtype)
+        + projection_cases(c, rest, device, dtype)
+        + kv_write_cases(c, shapes.kv_write, device, dtype)
+        + layer_norm_cases(c, shapes.layer_norm, device, dtype)
+    )
+
+
+def display_order(record: dict) -> tuple:
+    """Sort key of a record for tables and plots: by op instance, then by shape, the baseline first."""
+    name = record.get("name")
+    rank = NAME_ORDER.index(name) if name in NAME_ORDER else len(NAME_ORDER)
+    return rank, list(record.get("params", {}).values()), not record.get("is_baseline", False)
+
+
+def _figures(case: Case, impl: str, is_baseline: bool, seconds: float, peaks: Peaks) -> dict:
+    nbytes = case.baseline_bytes if is_baseline and case.baseline_bytes is not None else case.bytes
+    roofline_s = max(nbytes / peaks.copy_bytes_per_s, case.flops / peaks.matmul_flop_per_s)
+    bandwidth = nbytes / seconds
+    throughput = case.flops / seconds
+    return {
+        "op": case.op, "name": case.name, "label": case.label, "params": case.params, "impl": impl,
+        "is_baseline": is_baseline, "bytes": nbytes, "flops": case.flops,
+        "time": {"value": seconds * 1e6, "unit": "us"},
+        "bandwidth": {"value": bandwidth / 1e12, "unit": "TB/s"},
+        "throughput": {"value": throughput / 1e12, "unit": "TFLOP/s"},
+        "fraction_of_copy_bandwidth": {"value": bandwidth / peaks.copy_bytes_per_s, "unit": "fraction"},
+        "fraction_of_matmul_peak": {"value": throughput / peaks.matmul_flop_per_s, "unit": "fraction"},
+        "fraction_of_roofline": {"value": roofline_s / seconds, "unit": "fraction"},
+    }
+
+
+def _max_diff(got: torch.Tensor, expected: torch.Tensor) -> dict:
+    diff = (got.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    return {"value": diff, "unit": "abs", "relative_to_max_abs": diff / scale if scale else None}
+
+
+def run_case(case: Case, impls: dict[str, ModuleType], timer: Timer, peaks: Peaks) -> list[dict]:
+    """The baseline, then each backend (torch first: its output is what the others are compared with)."""
+    device = timer.device
+    copies = copies_for(case.set_bytes, device)
+    records = []
+    try:
+        m = timer.measure([case.baseline_call(i) for i in range(copies)])
+        baseline_s = m.median_s
+        records.append({**_figures(case, case.baseline_name, True, m.median_s, peaks),
+                        "samples": m.samples, "copies": m.copies, "timing": m.method, "baseline": None})
+    except Exception as e:  # a baseline the device cannot run (e.g. no flash kernel for this shape)
+        baseline_s = None
+        records.append({"op": case.op, "name": case.name, "label": case.label, "params": case.params,
+                        "impl": case.baseline_name, "is_baseline": True, "error": _one_line(e)})
+    expected = None
+    for name, ops in impls.items():
+        fn = getattr(ops, case.op, None)
+        if fn is None:
+            records.append({"op": case.op, "name": case.name, "label": case.label, "params": case.params,
+                            "impl": name, "is_baseline": False, "skipped": f"the {name} backend has no {case.op}"})
+            continue
+        try:
+            calls = [case.op_call(ops, i) for i in range(copies)]
+            out = calls[0]()
+            check = _max_diff(out, expected) if expected is not None else None
+            if name == "torch":
+                expected = out.clone()
+            m = timer.measure(calls)
+            del calls, out
+        except Exception as e:
+            records.append({"op": case.op, "name": case.name, "label": case.label, "params": case.params,
+                            "impl": name, "is_baseline": False, "error": _one_line(e)})
+            continue
+        rec = {**_figures(case, name, False, m.median_s, peaks), "samples": m.samples, "copies": m.copies,
+               "timing": m.method}
+        rec["baseline"] = None if baseline_s is None else {
+            "impl": case.baseline_name, "time": {"value": baseline_s * 1e6, "unit": "us"}}
+        rec["speedup_vs_baseline"] = None if baseline_s is None else {"value": baseline_s / m.median_s, "unit": "x"}
+        rec["max_diff_vs_torch"] = check
+        if case.notes:
+            rec["notes"] = case.notes
+        records.append(rec)
+    return records
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
