@@ -45,6 +45,26 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activ
     return act(linear(x, weight, bias))
 
 
+def linear_split_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu_start: int, activation: str = "gelu_new"
+) -> torch.Tensor:
+    """GPT-J's fused input projection: y = x @ weight^T + bias [N, M], GELU on columns >= gelu_start only.
+
+    With weight = [Wq; Wk; Wv; W_in] and bias = [0; 0; 0; b_in], one GEMM gives q | k | v | gelu(fc_in).
+    """
+    act = gelu_new if activation == "gelu_new" else gelu_pytorch_tanh
+    y = linear(x, weight, bias)
+    return torch.cat([y[:, :gelu_start], act(y[:, gelu_start:])], dim=-1)
+
+
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """x @ weight^T + bias + residual [N, M]: with x = [a | gelu(fc_in)] and weight = [Wo | W_out], GPT-J's
+    out_proj and fc_out as one GEMM over K = d + d_ff, added into the residual stream."""
+    return linear(x, weight, bias) + residual
+
+
 def rope_table(n_positions: int, rotary_dim: int, device=None) -> torch.Tensor:
     """[n_positions, rotary_dim] fp32: sin of each position's angles in the first half, cos in the second.
 
