@@ -163,6 +163,35 @@ class GenerationMixin:
                 cfg = dataclasses.replace(cfg, **{name: getattr(c, name)})
         return cfg
 
+    def _prefill(self, cache, input_ids, attention_mask, lengths) -> torch.Tensor:
+        """Run and cache the prompts; fp32 logits [B, vocab] of each row's next token.
+
+        Only the real (unmasked) tokens are run and cached, and their positions count them from 0, so a
+        left-padded row computes exactly what it would alone (HF: positions from attention_mask.cumsum(-1) - 1).
+        """
+        keep = attention_mask.bool()
+        positions = (attention_mask.cumsum(-1) - 1)[keep]
+        cache.start(lengths)
+        return self.forward_step(input_ids[keep], cache.plan(lengths, positions, is_prefill=True), cache)
+
+    @torch.inference_mode()
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [B, vocab] for the token after each (left-padded) row of input_ids [B, T]: one prefill."""
+        from .validation import check_generate_inputs
+
+        input_ids, attention_mask = check_generate_inputs(input_ids, attention_mask, self.config.vocab_size)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[1] > self.config.n_positions:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed the model's n_positions={self.config.n_positions}")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        lengths = attention_mask.sum(dim=1).tolist()
+        cache = self.cache_for(lengths)
+        try:
+            return self._prefill(cache, input_ids, attention_mask, lengths)
+        finally:
+            cache.release()
+
     @torch.inference_mode()
     def generate(
         self,
@@ -222,40 +251,41 @@ class GenerationMixin:
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        sequences = input_ids
-        if max_length <= prompt_len:
+        if new_tokens == 0:
             if streamer is not None:
                 streamer.end()
-            return sequences
+            return input_ids
 
-        cache = self.cache_for([n + max_length - prompt_len for n in lengths])
+        batch = input_ids.shape[0]
+        sequences = torch.full((batch, max_length), pad if pad is not None else 0, dtype=torch.long, device=device)
+        sequences[:, :prompt_len] = input_ids
+        length = prompt_len
+        cache = self.cache_for([n + new_tokens for n in lengths])
         try:
-            # Prefill: only the real (unmasked) tokens are run and cached; positions count them from 0.
-            keep = attention_mask.bool()
-            positions = (attention_mask.cumsum(-1) - 1)[keep]
-            cache.start(lengths)
-            meta = cache.plan(lengths, positions, is_prefill=True)
-            logits = self.forward_step(input_ids[keep], meta, cache)
-            unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=device)
+            logits = self._prefill(cache, input_ids, attention_mask, lengths)
+            if new_tokens > 1:  # blocks for every token that will be fed back, so decoding never allocates
+                for b, n in enumerate(lengths):
+                    cache.reserve(b, n + new_tokens - 1)
+                decode = self.decode_step(cache)
+            unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-            next_position = torch.tensor(lengths, device=device)
-            for step in range(max_length - prompt_len):
-                scores = process_logits(cfg, sequences, logits, step)
+            for step in range(new_tokens):
+                scores = process_logits(cfg, sequences[:, :length], logits, step)
                 tokens = choose_tokens(cfg, scores, generator)
                 if pad is not None:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-                sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+                sequences[:, length] = tokens
+                length += 1
                 if streamer is not None:
                     streamer.put(tokens.cpu())
                 if eos:
                     unfinished &= ~torch.isin(tokens, eos_ids)
-                if step == max_length - prompt_len - 1 or not bool(unfinished.any()):
+                if step == new_tokens - 1 or not bool(unfinished.any()):
                     break
-                meta = cache.plan([1] * len(lengths), next_position, is_prefill=False)
-                logits = self.forward_step(tokens, meta, cache)
-                next_position = next_position + 1
+                logits = decode(tokens)
         finally:
             cache.release()
         if streamer is not None:
             streamer.end()
-        return sequences
+        return sequences[:, :length].contiguous()
+

@@ -110,6 +110,12 @@ class PagedKVCache:
         self.tables = [self.allocator.allocate(n) for n in needed]
         self.lengths = [0] * len(lengths)
 
+    def reserve(self, b: int, n_tokens: int) -> None:
+        """Make sure sequence b has blocks for n_tokens tokens in all (before decoding, so tables stay fixed)."""
+        missing = self.blocks_for(n_tokens) - len(self.tables[b])
+        if missing > 0:
+            self.tables[b].extend(self.allocator.allocate(missing))
+
     def release(self) -> None:
         """Free every sequence's blocks (the pool is reused by the next request)."""
         for table in self.tables:
@@ -124,9 +130,7 @@ class PagedKVCache:
         """
         device = self.k.device
         for b, n in enumerate(new_tokens):
-            missing = self.blocks_for(self.lengths[b] + n) - len(self.tables[b])
-            if missing > 0:
-                self.tables[b].extend(self.allocator.allocate(missing))
+            self.reserve(b, self.lengths[b] + n)
         slots = []
         for b, n in enumerate(new_tokens):
             for t in range(self.lengths[b], self.lengths[b] + n):

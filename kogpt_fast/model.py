@@ -18,6 +18,7 @@ from torch import nn
 
 from . import backends
 from .config import GPTJConfig
+from .decode import DecodeStep, graphs_enabled
 from .generation import GenerationMixin
 from .kv_cache import PagedKVCache, StepMetadata
 
@@ -70,7 +71,12 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         self.kv_cache: PagedKVCache | None = None
         self.kv_block_size = 16
         self.max_cache_tokens: int | None = None  # KV pool capacity; None: grows to what a request needs
+        # GPT-J's two fused GEMMs (see fused()); None: on for the kernel backends in fp16/bf16.
+        self.fuse_projections: bool | None = None
+        self.use_cuda_graph = True  # decode steps replay as CUDA graphs where decode.graphs_enabled allows
         self._rope: torch.Tensor | None = None
+        self._fused: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._decode_steps: dict[int, DecodeStep] = {}
 
     @classmethod
     def from_pretrained(
@@ -110,6 +116,50 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
     def ops(self):
         return backends.get_ops(self.backend_name, self.device)
 
+    def backend(self) -> str:
+        """The backend that runs on the model's device (the one `ops()` returns)."""
+        return backends.resolve(self.backend_name, self.device)
+
+    def fused(self) -> bool:
+        """Whether forward_step uses the fused GEMMs: by default on the kernel backends in fp16/bf16 (the fast
+        path); the torch backend and fp32 keep HF's four GEMMs, whose rounding they reproduce exactly."""
+        if self.fuse_projections is not None:
+            return self.fuse_projections
+        return self.backend() != "torch" and self.dtype != torch.float32
+
+    def fused_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (w_in [3d + d_ff, d], b_in [3d + d_ff], w_out [d, d + d_ff], b_out [d]).
+
+        w_in = [Wq; Wk; Wv; W_fc_in] and b_in = [0; 0; 0; b_fc_in]: q | k | v | fc_in from one GEMM over ln_1(x).
+        w_out = [Wo | W_fc_out]: out_proj and fc_out as one GEMM over [a | gelu(fc_in)]. Built once; the per-module
+        weights become views into them, so the model holds each weight once.
+        """
+        # Stale once the per-module weights are no longer views into the fused ones (model.to(), load_state_dict).
+        stale = self._fused is not None and any(
+            w_in.data_ptr() != block.attn.q_proj.weight.data_ptr()
+            for (w_in, *_), block in zip(self._fused, self.transformer.h)
+        )
+        if self._fused is None or stale:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as the loaded weights are
+                self._fused = [self._fuse(block) for block in self.transformer.h]
+        return self._fused
+
+    @staticmethod
+    def _fuse(block: Block):
+        attn, mlp = block.attn, block.mlp
+        d = attn.q_proj.weight.shape[0]
+        w_in = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.fc_in.weight])
+        b_in = torch.cat([mlp.fc_in.bias.new_zeros(3 * d), mlp.fc_in.bias])
+        w_out = torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1)
+        views = [
+            (attn.q_proj, w_in[:d]), (attn.k_proj, w_in[d:2 * d]), (attn.v_proj, w_in[2 * d:3 * d]),
+            (mlp.fc_in, w_in[3 * d:]), (attn.out_proj, w_out[:, :d]), (mlp.fc_out, w_out[:, d:]),
+        ]
+        for module, view in views:
+            module.weight = nn.Parameter(view, requires_grad=False)
+        mlp.fc_in.bias = nn.Parameter(b_in[3 * d:], requires_grad=False)
+        return w_in, b_in, w_out, mlp.fc_out.bias
+
     def rope(self) -> torch.Tensor:
         if self._rope is None or self._rope.device != self.device:
             self._rope = self.ops().rope_table(self.config.n_positions, self.config.rotary_dim, self.device)
@@ -131,10 +181,20 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             cache.num_blocks >= blocks if self.max_cache_tokens is None else cache.num_blocks == blocks
         )
         if not reusable:
-            self.kv_cache = None  # drop the old pool before allocating the new one
+            self.kv_cache, self._decode_steps = None, {}  # drop the old pool (and graphs over it) first
             cache = PagedKVCache(c.n_layer, max(blocks, 1), bs, c.n_head, c.head_dim, self.dtype, self.device)
             self.kv_cache = cache
         return cache
+
+    def decode_step(self, cache: PagedKVCache) -> DecodeStep:
+        """The decode step for the cache's current sequences (one per batch size, reused across requests)."""
+        batch = len(cache.tables)
+        step = self._decode_steps.get(batch)
+        if step is None or step.cache is not cache:
+            use_graph = self.use_cuda_graph and graphs_enabled(self.backend(), self.device)
+            step = self._decode_steps[batch] = DecodeStep(self, cache, batch, use_graph)
+        step.load(cache.tables, cache.lengths)
+        return step
 
     @torch.inference_mode()
     def forward_step(self, input_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
@@ -142,17 +202,25 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         ops, c = self.ops(), self.config
         attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         rope = self.rope()
+        fused, d, shape = self.fused() and self.fused_weights(), c.n_embd, (-1, c.n_head, c.head_dim)
         x = self.transformer.wte(input_ids)  # [N, d]
         for layer, block in enumerate(self.transformer.h):
             h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, c.layer_norm_epsilon)
-            q = ops.linear(h, block.attn.q_proj.weight).view(-1, c.n_head, c.head_dim)  # [N, H, D]
-            k = ops.linear(h, block.attn.k_proj.weight).view(-1, c.n_head, c.head_dim)
-            v = ops.linear(h, block.attn.v_proj.weight).view(-1, c.n_head, c.head_dim)
+            if fused:  # two GEMMs a layer; rounding differs from HF's four, so the reference path stays unfused
+                w_in, b_in, w_out, b_out = fused[layer]
+                y = ops.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
+                q, k, v = (y[:, i * d:(i + 1) * d].contiguous().view(shape) for i in range(3))
+                a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)
+                x = ops.linear_residual(torch.cat([a.reshape(-1, d), y[:, 3 * d:]], dim=1), w_out, b_out, x)
+                continue
+            q = ops.linear(h, block.attn.q_proj.weight).view(shape)  # [N, H, D]
+            k = ops.linear(h, block.attn.k_proj.weight).view(shape)
+            v = ops.linear(h, block.attn.v_proj.weight).view(shape)
             a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)  # [N, H, D]
-            a = ops.linear(a.reshape(-1, c.n_embd), block.attn.out_proj.weight)
+            a = ops.linear(a.reshape(-1, d), block.attn.out_proj.weight)
             m = ops.linear_gelu(h, block.mlp.fc_in.weight, block.mlp.fc_in.bias, c.activation_function)
             m = ops.linear(m, block.mlp.fc_out.weight, block.mlp.fc_out.bias)
-            x = a + m + x
+            x = a + m + x  # HF's order: (attention + MLP) + residual
         x = x[meta.last_token]  # [B, d]
         x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias, c.layer_norm_epsilon)
         return ops.linear(x, self.lm_head.weight, self.lm_head.bias).float()
