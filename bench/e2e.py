@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from kogpt_fast.config import GPTJConfig
 
@@ -86,12 +85,7 @@ class KoGPTSystem(System):
     def __init__(self, config: GPTJConfig, weights: dict, backend: str):
         from kogpt_fast.model import KoGPTForCausalLM
 
-        with torch.device("meta"):
-            model = KoGPTForCausalLM(config, backend=backend)
-        for name, _ in list(model.named_parameters()):
-            module_name, _, attr = name.rpartition(".")
-            model.get_submodule(module_name)._parameters[attr] = nn.Parameter(weights[name], requires_grad=False)
-        self.model = model.eval()
+        self.model = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
         self.name = kogpt_name(backend)
         self.info = {"backend": backend}
 

@@ -214,6 +214,27 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=N
     return model.eval()
 
 
+def model_from_state_dict(cls, config: GPTJConfig, state_dict: dict, backend: str = "auto"):
+    """A model over existing tensors (no copy; device and dtype are theirs), checked like a checkpoint."""
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    expected = dict(model.named_parameters())
+    present = {n for n in state_dict if not IGNORED_KEY.match(n)}
+    problems = check_names(expected, present, config.tie_word_embeddings)
+    problems += [
+        f"{n}: shape {tuple(state_dict[n].shape)}, {tuple(expected[n].shape)} expected from the config"
+        for n in sorted(present & set(expected)) if tuple(state_dict[n].shape) != tuple(expected[n].shape)
+    ]
+    if problems:
+        raise CheckpointError("state dict does not match the config:\n  " + "\n  ".join(problems))
+    for name in expected:
+        if name in present:
+            _set_tensor(model, name, state_dict[name])
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
 def with_overrides(config: GPTJConfig, overrides: dict) -> GPTJConfig:
     """Config fields given to from_pretrained by keyword, as HF allows (e.g. pad_token_id=...)."""
     fields = set(GPTJConfig.__dataclass_fields__) - {"extra"}

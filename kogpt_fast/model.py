@@ -105,6 +105,13 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             progress=progress, overrides=overrides,
         )
 
+    @classmethod
+    def from_state_dict(cls, config: GPTJConfig, state_dict: dict, *, backend: str = "auto") -> "KoGPTForCausalLM":
+        """A model over the given tensors (HF GPT-J names; shared, not copied), e.g. weights already on a GPU."""
+        from .loader import model_from_state_dict
+
+        return model_from_state_dict(cls, config, state_dict, backend=backend)
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

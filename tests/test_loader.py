@@ -186,3 +186,16 @@ def test_progress_bar(safetensors_dir, capsys):
     assert "loading weights" in err and err.rstrip().endswith("/".join(["25"] * 2))
     load(safetensors_dir)  # small checkpoints load quietly by default
     assert capsys.readouterr().err == ""
+
+
+def test_from_state_dict_shares_the_tensors(hf_model, expected_tokens):
+    from kogpt_fast import GPTJConfig
+
+    config = GPTJConfig.from_dict(hf_model.config.to_dict())
+    state = {k: v for k, v in hf_model.state_dict().items() if not k.endswith("embed_positions")}
+    model = KoGPTForCausalLM.from_state_dict(config, state, backend="torch")
+    assert model.transformer.h[1].mlp.fc_in.weight.data_ptr() == state["transformer.h.1.mlp.fc_in.weight"].data_ptr()
+    check_generates_like_hf(model, expected_tokens)
+    del state["transformer.h.1.ln_1.bias"]
+    with pytest.raises(CheckpointError, match="missing tensor transformer.h.1.ln_1.bias"):
+        KoGPTForCausalLM.from_state_dict(config, state)
