@@ -1,4 +1,7 @@
 // Decode GEMV / skinny GEMM: out[M, N] = act(x[M, K] @ weight[N, K]^T + bias) + residual, M = 1..16.
+// The activation applies to the columns n >= gelu_start only (kogpt_gemv: gelu_start = 0, every column), so GPT-J's
+// q | k | v | gelu(fc_in) come from one GEMV over the concatenated weights (gelu_start = 3 * n_embd), and
+// out_proj + fc_out from one over K = n_embd + n_inner with the residual epilogue.
 //
 // Memory-bound design: at decode the weight is read once per step and dominates the traffic, so each warp
 // streams kRows weight rows with 16-byte loads (kUnroll of them per row in flight), reuses each weight vector
@@ -22,6 +25,7 @@ struct GemvParams {
     const void* residual; int64_t residual_stride;
     void* out; int64_t out_stride;
     int activation;
+    int gelu_start;  // the activation applies to columns n >= gelu_start
 };
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -86,7 +90,7 @@ template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps
             if (lane == (m * kRows + r) % 32 && m < p.M && n < p.N) {  // spread the stores over the lanes
                 float y = sum;
                 if (bias) y += to_float<T>(bias[n]);
-                if (p.activation == KOGPT_ACT_GELU_TANH) y = gelu_tanh(y);
+                if (p.activation == KOGPT_ACT_GELU_TANH && n >= p.gelu_start) y = gelu_tanh(y);
                 if (residual) y += to_float<T>(residual[(int64_t)m * p.residual_stride + n]);
                 out[(int64_t)m * p.out_stride + n] = from_float<T>(y);
             }
@@ -104,13 +108,13 @@ template <typename T, int kM, int kVec> int launch(const GemvParams& p, cudaStre
 }  // namespace
 }  // namespace kogpt
 
-extern "C" int kogpt_gemv(int dtype, int M, int N, int K,
-                          const void* x, int64_t x_stride,
-                          const void* weight, int64_t weight_stride,
-                          const void* bias,
-                          const void* residual, int64_t residual_stride,
-                          void* out, int64_t out_stride,
-                          int activation, cudaStream_t stream) {
+extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
+                                     const void* x, int64_t x_stride,
+                                     const void* weight, int64_t weight_stride,
+                                     const void* bias,
+                                     const void* residual, int64_t residual_stride,
+                                     void* out, int64_t out_stride,
+                                     int activation, int gelu_start, cudaStream_t stream) {
     using namespace kogpt;
     const char* op = "kogpt_gemv";
     if (M < 1 || M > 16 || N < 1 || K < 1) {
@@ -120,8 +124,11 @@ extern "C" int kogpt_gemv(int dtype, int M, int N, int K,
     if (activation != KOGPT_ACT_NONE && activation != KOGPT_ACT_GELU_TANH) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown activation code %d", op, activation);
     }
+    if (gelu_start < 0 || gelu_start > N) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: gelu_start=%d must be in [0, N=%d]", op, gelu_start, N);
+    }
     const GemvParams p{M, N, K, x, x_stride, weight, weight_stride, bias, residual, residual_stride,
-                       out, out_stride, activation};
+                       out, out_stride, activation, gelu_start};
     const size_t elem = dtype_size(dtype);
     const int vec = 16 / (int)elem;
     const bool vector_ok = K % vec == 0 && aligned(x, 16) && aligned(weight, 16) && (x_stride * elem) % 16 == 0 &&
@@ -136,4 +143,15 @@ extern "C" int kogpt_gemv(int dtype, int M, int N, int K,
         if (M <= 8) return launch<T, 8, kVec>(p, stream);
         return launch<T, 16, kVec>(p, stream);
     });
+}
+
+extern "C" int kogpt_gemv(int dtype, int M, int N, int K,
+                          const void* x, int64_t x_stride,
+                          const void* weight, int64_t weight_stride,
+                          const void* bias,
+                          const void* residual, int64_t residual_stride,
+                          void* out, int64_t out_stride,
+                          int activation, cudaStream_t stream) {
+    return kogpt_gemv_split_gelu(dtype, M, N, K, x, x_stride, weight, weight_stride, bias, residual, residual_stride,
+                                 out, out_stride, activation, 0, stream);
 }

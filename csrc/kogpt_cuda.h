@@ -20,7 +20,8 @@
 extern "C" {
 #endif
 
-#define KOGPT_ABI_VERSION 1
+/* 2: kogpt_gemv_split_gelu (the GEMV with the activation from a column on) added; kogpt_gemv unchanged. */
+#define KOGPT_ABI_VERSION 2
 
 enum kogpt_status {
     KOGPT_OK = 0,
@@ -92,6 +93,16 @@ int kogpt_gemv(int dtype, int M, int N, int K,
                const void* residual, int64_t residual_stride,
                void* out, int64_t out_stride,
                int activation, cudaStream_t stream);
+/* The same with the activation applied to the columns n >= gelu_start only (0 <= gelu_start <= N; 0: as kogpt_gemv,
+ * N: no column): GPT-J's q | k | v | gelu(fc_in) from one GEMV over [Wq; Wk; Wv; W_in], gelu_start = 3 * n_embd.
+ * kogpt_gemv(..., activation, stream) == kogpt_gemv_split_gelu(..., activation, 0, stream). */
+int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
+                          const void* x, int64_t x_stride,
+                          const void* weight, int64_t weight_stride,
+                          const void* bias,
+                          const void* residual, int64_t residual_stride,
+                          void* out, int64_t out_stride,
+                          int activation, int gelu_start, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

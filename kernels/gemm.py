@@ -6,7 +6,12 @@
     residual [M, N]   optional, added after the activation (GPT-J: out_proj / fc_out into the residual stream)
     -> out   [M, N]   in x's dtype, rounded once from the fp32 accumulator
 
-Constexprs: HAS_BIAS / HAS_RESIDUAL (which epilogue inputs exist), GELU (tanh-approximated GELU, gelu_new, on fc_in),
+The activation applies to output columns >= gelu_start only (a runtime argument, 0 by default: every column).
+GPT-J's fused input projection uses it: weight = [Wq; Wk; Wv; W_in] gives q | k | v | gelu(fc_in) in one GEMM with
+gelu_start = 3 * n_embd. Its fused output projection is the residual epilogue over K = n_embd + n_inner.
+
+Constexprs: HAS_BIAS / HAS_RESIDUAL (which epilogue inputs exist), GELU (tanh-approximated GELU, gelu_new, on the
+columns from gelu_start on; GELU=False means no column),
 DOT_PRECISION ("ieee" for fp32 inputs: exact fp32 products for the tests; TF32 would round them),
 BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M (tiling; GROUP_M groups row tiles so neighbouring programs share weights in L2).
 
@@ -16,6 +21,7 @@ keep the Python per-program overhead down.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -61,7 +67,7 @@ def gelu_tanh(y):
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
-    M, N, K,
+    M, N, K, gelu_start,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -92,7 +98,7 @@ def _gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if GELU:
-        acc = gelu_tanh(acc)
+        acc = tl.where(rn[None, :] >= gelu_start, gelu_tanh(acc), acc)
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     out_offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     if HAS_RESIDUAL:
@@ -103,6 +109,19 @@ def _gemm_kernel(
 ACTIVATIONS = (None, "gelu_tanh")
 
 
+def check_column_start(name: str, start, n: int) -> int:
+    """start as an int in [0, n] (a Python or numpy integer, or a 0-dim integer tensor), else a ValueError."""
+    try:
+        if isinstance(start, bool):
+            raise TypeError
+        value = operator.index(start)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {type(start).__name__}") from None
+    if not 0 <= value <= n:
+        raise ValueError(f"{name} must be in [0, {n}] (weight's out_features), got {value}")
+    return value
+
+
 def gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,8 +129,12 @@ def gemm(
     residual: torch.Tensor | None = None,
     activation: str | None = None,
     config: GemmConfig | None = None,
+    gelu_start: int = 0,
 ) -> torch.Tensor:
-    """act(x @ weight^T + bias) + residual, shapes in the module docstring; config None picks one by shape."""
+    """act(x @ weight^T + bias) + residual, shapes in the module docstring; config None picks one by shape.
+
+    The activation applies to the output columns gelu_start..N-1 only (0 <= gelu_start <= N; N: none).
+    """
     check_tensor("x", x)
     check_tensor("weight", weight, dim=2, device=x.device)
     n, k = weight.shape
@@ -128,6 +151,7 @@ def gemm(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if k == 0:
         raise ValueError(f"weight {tuple(weight.shape)} has in_features 0")
+    gelu_start = check_column_start("gelu_start", gelu_start, n)
     m = x.numel() // k
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -136,8 +160,9 @@ def gemm(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm_kernel[grid](
         x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
-        m, n, k,
-        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
+        m, n, k, gelu_start,
+        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
+        HAS_RESIDUAL=residual is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -1,5 +1,6 @@
 """The triton backend: the reference's ops (kogpt_fast.reference), same names, signatures and semantics.
 
+GPT-J's fusions are the GEMM's epilogues: linear_split_gelu (GELU from a column on) and linear_residual.
 The model calls these through kogpt_fast.backends.get_ops("triton", device). rope_table is the reference's (it
 is computed once per model, on the host side of the work).
 """
@@ -30,3 +31,23 @@ def linear_gelu(
     if activation not in GELU_ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
     return gemm(x, weight, bias, activation="gelu_tanh")
+
+
+def linear_split_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new"
+) -> torch.Tensor:
+    """GPT-J's fused input projection: x @ weight^T + bias [N, M] with GELU on the columns >= gelu_start only,
+    in the GEMM's epilogue (q | k | v | gelu(fc_in) from one GEMM over ln_1(x), gelu_start = 3 * n_embd)."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+    return gemm(x, weight, bias, activation="gelu_tanh", gelu_start=gelu_start)
+
+
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """x @ weight^T + bias + residual [N, M], the residual added in the epilogue and rounded once with the rest
+    (GPT-J's out_proj and fc_out as one GEMM over K = d + d_ff)."""
+    if residual.dtype != x.dtype or residual.shape != (*x.shape[:-1], weight.shape[0]):
+        return gemm(x, weight, bias) + residual  # the reference's promotion / broadcasting: not fused
+    return gemm(x, weight, bias, residual=residual.contiguous())

@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import operator
 import os
 from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h
+ABI_VERSION = 2  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu)
 
 # kogpt_status codes
 OK, ERR_CUDA, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ERR_WORKSPACE = 0, 1, 2, 3, 4
@@ -52,6 +53,7 @@ _SIGNATURES = {  # name: (restype, argtypes), as declared in csrc/kogpt_cuda.h
                                     _i64, _i64, _i64, _p, _p, _p, _i64, _i, _p, _i64, _i, _p, _f, _i,
                                     _p, _i64, _i64, _p, _sz, _p]),
     "kogpt_gemv": (_i, [_i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _p]),
+    "kogpt_gemv_split_gelu": (_i, [_i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _i, _p]),
 }
 EXPORTED_SYMBOLS = tuple(_SIGNATURES)
 
@@ -65,12 +67,14 @@ def _library() -> ctypes.CDLL:
             "or see setup.py; KOGPT_SKIP_CUDA builds leave it out)"
         )
     lib = ctypes.CDLL(str(path))
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
+    # The version first: an older build may lack symbols this version declares.
+    lib.kogpt_abi_version.restype, lib.kogpt_abi_version.argtypes = _SIGNATURES["kogpt_abi_version"]
     if lib.kogpt_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI version {lib.kogpt_abi_version()}, this kogpt_fast expects {ABI_VERSION}: "
                            "rebuild it (pip install .)")
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -278,10 +282,11 @@ GEMV_MAX_M = 16
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, activation: str = "none",
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, gelu_start: int = 0) -> torch.Tensor:
     """out [M, N] = act(x [M, K] @ weight [N, K]^T + bias [N]) + residual [M, N], for M = 1..16.
 
-    activation: "none" or "gelu_tanh" (HF's gelu_new). fp32 accumulation; one rounding to the dtype at the end.
+    activation: "none" or "gelu_tanh" (HF's gelu_new), applied to the columns n >= gelu_start only (0: all, N: none).
+    fp32 accumulation; one rounding to the dtype at the end.
     """
     dtype = _dtype_code("x", x)
     device = x.device
@@ -298,15 +303,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _check_tensor("residual", residual, device, x.dtype, 2)
         _require(residual.shape == (m, n), f"residual has shape {tuple(residual.shape)}, expected ({m}, {n})")
     _require(activation in ACTIVATIONS, f"activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
+    try:
+        gelu_start = operator.index(gelu_start) if not isinstance(gelu_start, bool) else None
+    except TypeError:
+        gelu_start = None
+    _require(gelu_start is not None and 0 <= gelu_start <= n,
+             f"gelu_start must be an integer in [0, {n}] (weight's out_features)")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=device)
     _check_tensor("out", out, device, x.dtype, 2)
     _require(out.shape == (m, n), f"out has shape {tuple(out.shape)}, expected ({m}, {n})")
     with torch.cuda.device(device):
-        rc = _library().kogpt_gemv(
+        rc = _library().kogpt_gemv_split_gelu(
             dtype, m, n, k, _ptr(x), x.stride(0), _ptr(weight), weight.stride(0), _ptr(bias),
             _ptr(residual), residual.stride(0) if residual is not None else 0, _ptr(out), out.stride(0),
-            ACTIVATIONS[activation], _stream(device),
+            ACTIVATIONS[activation], gelu_start, _stream(device),
         )
     _check(rc, "kogpt_gemv")
     return out

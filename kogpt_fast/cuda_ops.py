@@ -2,7 +2,9 @@
 
 An op runs a kernel of the CUDA library (kogpt_fast.cuda_lib) when one covers its inputs, and otherwise the
 fallback ops module, chosen in one place: `fallback_ops()`. Covered today:
-- linear, linear_gelu: the decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill) falls back;
+- linear, linear_gelu, and GPT-J's fused GEMMs linear_split_gelu (GELU from a column on) and linear_residual
+  (the residual added in the epilogue): the decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill)
+  falls back;
 - decode_attention: RoPE, cache write and flash-decoding in the library (csrc/decode_attention.cu);
 - write_kv_cache: csrc/kv_cache_write.cu.
 layer_norm, prefill_attention, apply_rope and the GELUs always fall back. With logging at DEBUG level for
@@ -83,15 +85,35 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activ
     return fallback_ops(x.device).linear_gelu(x, weight, bias, activation)
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T + bias + residual [N, M]: out_proj / fc_out with the residual add fused (not in the reference)."""
+def linear_split_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new"
+) -> torch.Tensor:
+    """GPT-J's fused input projection: x @ weight^T + bias [N, M] with GELU on the columns >= gelu_start only,
+    in the GEMV's epilogue (q | k | v | gelu(fc_in) from one GEMV over ln_1(x), gelu_start = 3 * n_embd)."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
     why = _gemv_reason(x, weight, bias)
-    if why is None and residual.dtype == x.dtype and residual.device == x.device and residual.stride(-1) == 1:
+    if why is None:
+        _ran("linear_split_gelu", "cuda gemv")
+        return cuda_lib.gemv(x, weight, bias, activation="gelu_tanh", gelu_start=gelu_start)
+    _ran("linear_split_gelu", "fallback", why)
+    return fallback_ops(x.device).linear_split_gelu(x, weight, bias, gelu_start, activation)
+
+
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """x @ weight^T + bias + residual [N, M], the residual added in the GEMV's epilogue and rounded once with the
+    rest (GPT-J's out_proj and fc_out as one GEMV over K = d + d_ff)."""
+    why = _gemv_reason(x, weight, bias)
+    if why is None and not (residual.dtype == x.dtype and residual.device == x.device and residual.dim() == 2
+                            and residual.shape == (x.shape[0], weight.shape[0]) and residual.stride(-1) == 1):
+        why = f"residual {tuple(residual.shape)} {residual.dtype}: not [N, M] in x's dtype, rows contiguous"
+    if why is None:
         _ran("linear_residual", "cuda gemv")
         return cuda_lib.gemv(x, weight, bias, residual=residual)
-    _ran("linear_residual", "fallback", why or "residual layout")
-    return fallback_ops(x.device).linear(x, weight, bias) + residual
+    _ran("linear_residual", "fallback", why)
+    return fallback_ops(x.device).linear_residual(x, weight, bias, residual)
 
 
 def write_kv_cache(

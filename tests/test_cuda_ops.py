@@ -60,12 +60,21 @@ def test_cpu_tensors_fall_back_to_the_reference():
     x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
     torch.testing.assert_close(cuda_ops.linear(x, w, b), reference.linear(x, w, b), rtol=0, atol=0)
     torch.testing.assert_close(cuda_ops.linear_gelu(x, w, b), reference.linear_gelu(x, w, b), rtol=0, atol=0)
+    for gelu_start in (0, 7, 24):
+        torch.testing.assert_close(cuda_ops.linear_split_gelu(x, w, b, gelu_start),
+                                   reference.linear_split_gelu(x, w, b, gelu_start), rtol=0, atol=0)
+    r = torch.randn(3, 24)
+    for bias in (b, None):
+        torch.testing.assert_close(cuda_ops.linear_residual(x, w, bias, r), reference.linear_residual(x, w, bias, r),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="activation"):
+        cuda_ops.linear_split_gelu(x, w, b, 7, "relu")
     assert cuda_ops.rope_table is reference.rope_table
 
 
 def test_ops_module_has_every_reference_op():
-    ops = ("layer_norm", "linear", "linear_gelu", "gelu_new", "gelu_pytorch_tanh", "rope_table", "apply_rope",
-           "write_kv_cache", "prefill_attention", "decode_attention")
+    ops = ("layer_norm", "linear", "linear_gelu", "linear_split_gelu", "linear_residual", "gelu_new",
+           "gelu_pytorch_tanh", "rope_table", "apply_rope", "write_kv_cache", "prefill_attention", "decode_attention")
     assert all(callable(getattr(cuda_ops, n)) for n in ops)
 
 
@@ -81,6 +90,18 @@ def test_import_and_cpu_ops_do_not_load_the_library():
 def test_status_never_raises():
     info = cuda_lib.status()
     assert {"library", "present", "loaded", "devices", "device_error", "available"} <= set(info)
+
+
+@pytest.mark.skipif(not cuda_lib.library_path().is_file(), reason="the CUDA library is not built")
+def test_library_refuses_bad_gemv_arguments_on_the_host():
+    """Argument checks of the GEMV entry points run before any CUDA call: no GPU needed."""
+    lib = cuda_lib._library()
+    assert lib.kogpt_abi_version() == cuda_lib.ABI_VERSION
+    for gelu_start in (-1, 9):  # N = 8
+        rc = lib.kogpt_gemv_split_gelu(1, 1, 8, 64, 16, 64, 16, 64, None, None, 0, 16, 8, 1, gelu_start, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"gelu_start" in lib.kogpt_last_error()
+    rc = lib.kogpt_gemv_split_gelu(1, 17, 8, 64, 16, 64, 16, 64, None, None, 0, 16, 8, 1, 0, None)
+    assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"M=17" in lib.kogpt_last_error()
 
 
 # ---- GPU: KV cache write ----
@@ -229,18 +250,85 @@ def test_linear(impl, dtype, m, n, k, op):
     assert_close_to_reference(out, ref_op(*args32), ref_op(*args), ATOL[dtype])
 
 
+def _gemm_inputs(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    b = torch.randn(n, generator=g)
+    r = torch.randn(m, n, generator=g)
+    return [t.cuda() for t in (x, w, b, r)]
+
+
+def _check_split_gelu(impl, dtype, m, n, k, gelu_start, seed=0):
+    x, w, b, _ = _gemm_inputs(m, n, k, seed)
+    args = [t.to(dtype) for t in (x, w, b)]
+    out = ops_for(impl, "linear_split_gelu")(*args, gelu_start)
+    assert out.shape == (m, n) and out.dtype == dtype
+    ref32 = reference.linear_split_gelu(x, w, b, gelu_start)
+    assert_close_to_reference(out, ref32, reference.linear_split_gelu(*args, gelu_start), ATOL[dtype])
+    if gelu_start > 0:  # no GELU left of gelu_start (gelu(y) and y differ by far more than the tolerance there)
+        plain = reference.linear(*args)[:, :gelu_start]
+        assert_close_to_reference(out[:, :gelu_start], ref32[:, :gelu_start], plain, ATOL[dtype])
+
+
+def _check_residual(impl, dtype, m, n, k, use_bias=True, seed=0):
+    x, w, b, r = _gemm_inputs(m, n, k, seed)
+    b = b if use_bias else None
+    args = [t.to(dtype) if t is not None else None for t in (x, w, b, r)]
+    out = ops_for(impl, "linear_residual")(*args)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_reference(out, reference.linear_residual(x, w, b, r), reference.linear_residual(*args),
+                              ATOL[dtype])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5])
-def test_linear_residual(dtype, m):
-    torch.manual_seed(m)
-    x, w = torch.randn(m, 520, device="cuda"), torch.randn(136, 520, device="cuda") / 23
-    b, r = torch.randn(136, device="cuda"), torch.randn(m, 136, device="cuda")
-    ref32 = reference.linear(x, w, b) + r
-    ref_lowp = reference.linear(x.to(dtype), w.to(dtype), b.to(dtype)) + r.to(dtype)
-    out = cuda_ops.linear_residual(x.to(dtype), w.to(dtype), b.to(dtype), r.to(dtype))
-    assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])  # 33: cuda_ops falls back (Triton) beyond the GEMV's 16 rows
+@pytest.mark.parametrize("n,k", [(333, 264), (77, 257)])  # 257: K not a multiple of 8 (the GEMV's scalar path)
+@pytest.mark.parametrize("gelu_start", ["0", "mid", "N"])
+def test_linear_split_gelu(impl, dtype, m, n, k, gelu_start):
+    """GELU from column 0 (linear_gelu), from a column on no tile or warp boundary, from N (none: linear)."""
+    start = {"0": 0, "mid": n // 3 + 1, "N": n}[gelu_start]
+    _check_split_gelu(impl, dtype, m, n, k, start, seed=m * 1000 + n + start)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 16, 33])
+@pytest.mark.parametrize("n,k", [(136, 520), (77, 257 + 96)])
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_residual(impl, dtype, m, n, k, use_bias):
+    _check_residual(impl, dtype, m, n, k, use_bias, seed=m * 1000 + n)
+
+
+# KoGPT-6B: q|k|v|fc_in as one GEMM (N = 3*4096 + 16384, K = 4096, GELU from 3*4096 on) and out_proj|fc_out as
+# one GEMM (N = 4096, K = 4096 + 16384) into the residual; M = 1 is batch-1 decode.
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16])
+def test_fused_gemms_at_kogpt_6b_shapes(impl, dtype, m):
+    _check_split_gelu(impl, dtype, m, 3 * 4096 + 16384, 4096, 3 * 4096, seed=m)
+    _check_residual(impl, dtype, m, 4096, 4096 + 16384, seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gemv_gelu_start_zero_equals_linear_gelu_bitwise():
+    """kogpt_gemv's semantics are kept: gelu_start 0 is linear_gelu, gelu_start N is linear, bit for bit."""
+    x, w, b, _ = (t.half() for t in _gemm_inputs(3, 200, 512, seed=9))
+    gelu = cuda_lib.gemv(x, w, b, activation="gelu_tanh")
+    plain = cuda_lib.gemv(x, w, b)
+    split = cuda_lib.gemv(x, w, b, activation="gelu_tanh", gelu_start=61)
+    assert torch.equal(cuda_lib.gemv(x, w, b, activation="gelu_tanh", gelu_start=0), gelu)
+    assert torch.equal(cuda_lib.gemv(x, w, b, activation="gelu_tanh", gelu_start=200), plain)
+    assert torch.equal(split[:, :61], plain[:, :61]) and torch.equal(split[:, 61:], gelu[:, 61:])
+    assert torch.equal(cuda_ops.linear_split_gelu(x, w, b, 61), split)
 
 
 # ---- GPU: CUDA graphs, streams, errors ----
@@ -291,6 +379,11 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="kogpt_gemv.*activation"):  # refused by the library itself
         cuda_lib._check(cuda_lib._library().kogpt_gemv(1, 1, 8, 64, x.data_ptr(), 64, w.data_ptr(), 64, None, None,
                                                        0, x.data_ptr(), 8, 7, None), "kogpt_gemv")
+    with pytest.raises(ValueError, match="gelu_start"):
+        cuda_lib.gemv(x[:2], w, activation="gelu_tanh", gelu_start=9)
+    with pytest.raises(ValueError, match="kogpt_gemv.*gelu_start"):  # refused by the library itself
+        cuda_lib._check(cuda_lib._library().kogpt_gemv_split_gelu(
+            1, 1, 8, 64, x.data_ptr(), 64, w.data_ptr(), 64, None, None, 0, x.data_ptr(), 8, 1, 9, None), "kogpt_gemv")
     case = _decode_case(1, 8, 96, torch.float16, n_head=2, rotary_dim=32)
     cache, meta, q, k, v, rope, rotary_dim = case
     with pytest.raises(ValueError, match="head_dim 96"):

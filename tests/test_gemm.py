@@ -1,4 +1,5 @@
-"""Triton GEMM with fused epilogues (bias, GELU tanh, residual) against reference.linear / linear_gelu.
+"""Triton GEMM with fused epilogues (bias, GELU tanh, residual) against reference.linear / linear_gelu, and GPT-J's
+fused GEMMs against reference.linear_split_gelu (GELU from column gelu_start on) / linear_residual.
 
 Tolerance (flash-attention's convention): the kernel's error against an oracle one precision up (fp64 for fp32
 inputs, fp32 for fp16/bf16) is at most twice the error of the reference op run in the input dtype, plus a few ulps
@@ -121,6 +122,105 @@ def test_bad_inputs_raise_value_errors():
         gemm.gemm(x, weight, activation="relu")
 
 
+# ---- GPT-J's fused GEMMs: q|k|v|gelu(fc_in) with GELU from a column on, out_proj+fc_out into the residual ----
+
+def check_split_gelu(m, n, k, gelu_start, dtype, config=None, seed=0, use_bias=True, via_ops=False):
+    x, weight, bias, _ = inputs(m, n, k, dtype, seed)
+    bias = bias if use_bias else None
+    if via_ops:
+        got = ops.linear_split_gelu(x, weight, bias, gelu_start)
+    else:
+        got = gemm.gemm(x, weight, bias, activation="gelu_tanh", config=config, gelu_start=gelu_start)
+    assert got.dtype == dtype and got.shape == (m, n)
+    up = UP[dtype]
+    oracle = reference.linear_split_gelu(x.to(up), weight.to(up), None if bias is None else bias.to(up), gelu_start)
+    assert_within_reference_error(got, oracle, reference.linear_split_gelu(x, weight, bias, gelu_start), dtype)
+    # The columns left of gelu_start are the plain GEMM's: GELU there would be off by far more than the tolerance.
+    if 0 < gelu_start:
+        plain = reference.linear(x.to(up), weight.to(up), None if bias is None else bias.to(up))[:, :gelu_start]
+        assert_within_reference_error(got[:, :gelu_start], plain, reference.linear(x, weight, bias)[:, :gelu_start],
+                                      dtype)
+
+
+def check_residual(m, n, k, dtype, config=None, seed=0, use_bias=True, via_ops=False):
+    x, weight, bias, residual = inputs(m, n, k, dtype, seed)
+    bias = bias if use_bias else None
+    if via_ops:
+        got = ops.linear_residual(x, weight, bias, residual)
+    else:
+        got = gemm.gemm(x, weight, bias, residual=residual, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    up = UP[dtype]
+    oracle = reference.linear_residual(x.to(up), weight.to(up), None if bias is None else bias.to(up), residual.to(up))
+    assert_within_reference_error(got, oracle, reference.linear_residual(x, weight, bias, residual), dtype)
+
+
+# gelu_start for N = 200: 0 (all columns: linear_gelu), 48 (a multiple of 16 but not of 32), 77 (no tile's edge),
+# 192 (inside the last, partial tile of width 32), 200 = N (no GELU: linear).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(SMALL_TILES))
+@pytest.mark.parametrize("gelu_start", [0, 48, 77, 192, 200])
+def test_gemm_split_gelu(gelu_start, config, dtype):
+    check_split_gelu(9, 200, 136, gelu_start, dtype, config=SMALL_TILES[config], seed=gelu_start)
+
+
+@pytest.mark.parametrize("m, gelu_start", [(1, 37), (33, 3 * 24), (130, 1)])
+def test_gemm_split_gelu_shapes(m, gelu_start):
+    """GPT-J's layout at toy size: n_embd 24 (q|k|v = 72 columns) + n_inner 96 = N 168; K odd."""
+    check_split_gelu(m, 168, 57, gelu_start, torch.float32, config=SMALL_TILES["tiled_32x32x32_grouped"], seed=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(SMALL_TILES))
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
+def test_gemm_residual_concatenated_k(use_bias, m, config, dtype):
+    """out_proj + fc_out as one GEMM: K = d + d_ff (40 + 136 here: not a multiple of any K tile)."""
+    check_residual(m, 72, 40 + 136, dtype, config=SMALL_TILES[config], seed=m, use_bias=use_bias)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("gelu_start", [0, 37, 96])
+def test_ops_linear_split_gelu(gelu_start, activation):
+    x, weight, bias, _ = inputs(5, 96, 64, torch.float32, seed=gelu_start)
+    torch.testing.assert_close(
+        ops.linear_split_gelu(x, weight, bias, gelu_start, activation),
+        reference.linear_split_gelu(x, weight, bias, gelu_start, activation), rtol=1e-5, atol=1e-5,
+    )
+    check_split_gelu(5, 96, 64, gelu_start, torch.float32, seed=gelu_start, via_ops=True)
+    with pytest.raises(ValueError, match="activation"):
+        ops.linear_split_gelu(x, weight, bias, gelu_start, "relu")
+
+
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
+def test_ops_linear_residual(use_bias):
+    x, weight, bias, residual = inputs(5, 96, 64, torch.float32)
+    bias = bias if use_bias else None
+    torch.testing.assert_close(ops.linear_residual(x, weight, bias, residual),
+                               reference.linear_residual(x, weight, bias, residual), rtol=1e-5, atol=1e-5)
+    check_residual(5, 96, 64, torch.float32, use_bias=use_bias, via_ops=True)
+    # A residual that is a view (rows of a wider buffer) is read as the reference reads it.
+    wide = torch.randn(5, 2 * 96, device=DEVICE)
+    torch.testing.assert_close(ops.linear_residual(x, weight, bias, wide[:, ::2]),
+                               reference.linear_residual(x, weight, bias, wide[:, ::2]), rtol=1e-5, atol=1e-5)
+    # Other dtypes and broadcast shapes of the residual follow torch's rules, as the reference's `+` does.
+    for other in (residual.double(), residual[:1]):
+        expected = reference.linear_residual(x, weight, bias, other)
+        got = ops.linear_residual(x, weight, bias, other)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_gelu_start_raises_value_errors():
+    x, weight, bias, _ = inputs(4, 40, 32, torch.float32)
+    for bad in (-1, 41):
+        with pytest.raises(ValueError, match="gelu_start must be in"):
+            gemm.gemm(x, weight, bias, activation="gelu_tanh", gelu_start=bad)
+    for bad in (1.5, None, True):
+        with pytest.raises(ValueError, match="gelu_start must be an integer"):
+            ops.linear_split_gelu(x, weight, bias, bad)
+
+
 # KoGPT-6B's projections (N, K): q/k/v/out_proj, the fused qkv, fc_in, fc_out, and an lm_head slice.
 KOGPT_SHAPES = {"attn": (4096, 4096), "qkv": (12288, 4096), "fc_in": (16384, 4096), "fc_out": (4096, 16384),
                 "lm_head_slice": (8064, 4096)}
@@ -143,3 +243,23 @@ def test_gemm_kogpt_6b_shapes(shape, m, dtype):
 @pytest.mark.parametrize("m", [1, 64, 300])
 def test_gemm_fp32_ieee_on_gpu(m):
     check(m, 4096, 4096, torch.float32, activation="gelu_tanh")
+
+
+# GPT-J's fused GEMMs at KoGPT-6B's sizes: q|k|v|fc_in (N = 3*4096 + 16384, GELU from 3*4096 on) over d = 4096, and
+# out_proj|fc_out (K = 4096 + 16384) into the residual.
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 2048])
+def test_gemm_fused_kogpt_6b_shapes(m, dtype):
+    check_split_gelu(m, 3 * 4096 + 16384, 4096, 3 * 4096, dtype, seed=m)
+    check_residual(m, 4096, 4096 + 16384, dtype, seed=m)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("gelu_start", [0, 77, 4096])
+@pytest.mark.parametrize("m", [1, 300])
+def test_gemm_fused_fp16_odd_shapes_on_gpu(m, gelu_start):
+    check_split_gelu(m, 4096, 1000, gelu_start, torch.float16, seed=gelu_start)
+    check_residual(m, 1000, 4096 + 40, torch.float16, seed=m, use_bias=gelu_start > 0)
