@@ -151,6 +151,16 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                 self._fused = [self._fuse(block) for block in self.transformer.h]
         return self._fused
 
+    def _unfuse(self) -> None:
+        """Give the per-module weights their own contiguous memory again (the kernels' unfused GEMMs need it)."""
+        if self._fused is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                for block in self.transformer.h:
+                    for module in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj,
+                                   block.mlp.fc_in, block.mlp.fc_out):
+                        module.weight = nn.Parameter(module.weight.contiguous().clone(), requires_grad=False)
+            self._fused = None
+
     @staticmethod
     def _fuse(block: Block):
         attn, mlp = block.attn, block.mlp
@@ -209,7 +219,11 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         ops, c = self.ops(), self.config
         attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         rope = self.rope()
-        fused, d, shape = self.fused() and self.fused_weights(), c.n_embd, (-1, c.n_head, c.head_dim)
+        if self.fused():
+            fused = self.fused_weights()
+        else:
+            fused = self._unfuse()
+        d, shape = c.n_embd, (-1, c.n_head, c.head_dim)
         x = self.transformer.wte(input_ids)  # [N, d]
         for layer, block in enumerate(self.transformer.h):
             h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, c.layer_norm_epsilon)

@@ -61,3 +61,14 @@ def test_moving_a_fused_model_rebuilds_the_fused_weights(model):
     model.to(torch.float64).to(torch.float32)  # the per-module weights are new tensors now
     assert torch.equal(model.generate(ids, max_new_tokens=6), expected)
     assert model.fused_weights()[0][0].data_ptr() == model.transformer.h[0].attn.q_proj.weight.data_ptr()
+
+
+def test_switching_back_gives_each_weight_its_own_contiguous_memory(model):
+    ids = torch.tensor([[3, 4, 5, 6]])
+    expected = model.generate(ids, max_new_tokens=6)
+    model.fuse_projections = True
+    model.generate(ids, max_new_tokens=6)
+    assert not model.transformer.h[0].attn.out_proj.weight.is_contiguous()  # a column slice of [Wo | W_out]
+    model.fuse_projections = False
+    assert torch.equal(model.generate(ids, max_new_tokens=6), expected)
+    assert all(p.is_contiguous() for p in model.parameters())

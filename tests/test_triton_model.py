@@ -74,6 +74,19 @@ def test_greedy_left_padded_batch_equals_hf(pair):
     assert_same_tokens(expected, got, ids.shape[1])
 
 
+def test_fused_gemms_on_triton_give_the_same_greedy_tokens(pair):
+    """The fast path's two fused GEMMs (on by default only in fp16/bf16), forced on here in fp32."""
+    hf, ours = pair
+    ids, mask = left_padded_batch([5, 1, 9], hf.config.vocab_size, pad=hf.config.eos_token_id, seed=4)
+    expected = hf_greedy(hf, ids, mask, max_new_tokens=NEW_TOKENS)
+    ours.fuse_projections = True
+    try:
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+    finally:
+        ours.fuse_projections = None
+    assert_same_tokens(expected, got, ids.shape[1])
+
+
 # Backend choice (kogpt_fast.backends): the triton backend where it can run, torch by default on the CPU.
 
 
