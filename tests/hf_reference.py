@@ -37,3 +37,15 @@ def hf_greedy(model, input_ids, attention_mask=None, max_new_tokens=8, **kw):
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=model.config.eos_token_id, **kw,
         )
+
+
+def left_padded_batch(lengths, vocab, pad, seed=0, device="cpu"):
+    """input_ids and attention_mask [B, max(lengths)] of random prompts, left-padded with `pad`."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(2, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)

@@ -17,23 +17,15 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on the CPU interpreter
 pytest.importorskip("triton", reason="triton is not installed")
 
+from tolerance import UP, assert_within_reference_error  # noqa: E402
+
 from kogpt_fast import backends, reference  # noqa: E402
 from kogpt_fast.kv_cache import StepMetadata  # noqa: E402
 
 decode = backends.triton_kernels("decode_attention")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-UP = {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ~ a few ulps at magnitude 1
 DTYPES = [torch.float32, torch.float16]  # bfloat16 only on a GPU: the interpreter cannot compute in it
-
-
-def assert_within_reference_error(got, oracle, ref_in_dtype, dtype):
-    """|got - oracle| <= 2 * |reference in dtype - oracle| + ATOL scaled to the outputs' magnitude."""
-    err = (got.double() - oracle.double()).abs().max().item()
-    ref_err = (ref_in_dtype.double() - oracle.double()).abs().max().item()
-    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"error {err:.3g} > 2 * reference error {ref_err:.3g} + {atol:.3g}"
 
 
 def decode_step(context_lens, n_head, head_dim, block_size, dtype, seed=0):

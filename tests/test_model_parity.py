@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_reference import hf_greedy, random_hf_model
+from hf_reference import hf_greedy, left_padded_batch, random_hf_model
 from kogpt_fast import KoGPTForCausalLM
 
 CONFIGS = {
@@ -56,17 +56,6 @@ def test_greedy_prompt_near_n_positions(pair, n_new):
     assert got.shape[1] == hf.config.n_positions + 1
     with pytest.raises(ValueError, match=f"needs {hf.config.n_positions + 1} positions"):
         ours.generate(ids, max_new_tokens=n_new + 1)
-
-
-def left_padded_batch(lengths, vocab, pad, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(2, vocab, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
 
 
 def test_greedy_left_padded_batch(pair):

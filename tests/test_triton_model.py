@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed")
 
 from hf_reference import hf_greedy, random_hf_model  # noqa: E402
+from hf_reference import left_padded_batch as _left_padded_batch  # noqa: E402
 from kogpt_fast import KoGPTForCausalLM, backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,14 +39,7 @@ def pair(tmp_path_factory):
 
 
 def left_padded_batch(lengths, vocab, pad, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(2, vocab, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids.to(DEVICE), mask.to(DEVICE)
+    return _left_padded_batch(lengths, vocab, pad, seed, device=DEVICE)
 
 
 def assert_same_tokens(expected, got, prompt_len):
