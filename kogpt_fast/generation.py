@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+STOP_CHECK_EVERY = 8  # decode steps between host reads of the stop flag (extra steps are cut from the output)
+
 # Arguments HF accepts that change nothing here (we always use a cache; one beam is all there is).
 _IGNORED = {"use_cache", "output_attentions", "output_hidden_states", "synced_gpus", "token_type_ids"}
 
@@ -269,6 +271,9 @@ class GenerationMixin:
                 decode = self.decode_step(cache)
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+            # The step at which every row had finished (-1: not yet), kept on the device: the host looks only every
+            # STOP_CHECK_EVERY steps (or every step with a streamer), so it can queue steps ahead of the GPU.
+            all_done_at = torch.full((), -1, dtype=torch.long, device=device)
             for step in range(new_tokens):
                 scores = process_logits(cfg, sequences[:, :length], logits, step)
                 tokens = choose_tokens(cfg, scores, generator)
@@ -280,11 +285,18 @@ class GenerationMixin:
                     streamer.put(tokens.cpu())
                 if eos:
                     unfinished &= ~torch.isin(tokens, eos_ids)
-                if step == new_tokens - 1 or not bool(unfinished.any()):
+                    all_done_at = torch.where((all_done_at < 0) & ~unfinished.any(), step, all_done_at)
+                    if (streamer is not None or step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1) and int(
+                        all_done_at
+                    ) >= 0:
+                        break
+                if step == new_tokens - 1:
                     break
                 logits = decode(tokens)
         finally:
             cache.release()
+        if eos and int(all_done_at) >= 0:  # HF stops at the step where the last row finished
+            length = prompt_len + int(all_done_at) + 1
         if streamer is not None:
             streamer.end()
         return sequences[:, :length].contiguous()

@@ -110,3 +110,19 @@ def test_demo_checkpoint_greedy_equals_hf(dtype):
     assert_same_and_varied(expected, got, batch.input_ids.shape[1])
     for prompt, row in zip(prompts, tokenizer.batch_decode(got, skip_special_tokens=True)):
         assert row.startswith(prompt) and len(row) > len(prompt) + 10
+
+
+def test_generation_stops_when_the_last_row_finishes(pair):
+    """HF stops at the step where every row has produced eos; the output is cut there, whatever ran after."""
+    hf, ours = pair
+    ids, mask = left_padded_batch([6, 3, 11], hf.config.vocab_size, pad=0, seed=3)
+    free_run = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30)
+    new = free_run[:, ids.shape[1]:]
+    for stop_step in (1, 9, 13):  # around the host's stop checks (every 8 steps)
+        # The eos ids: each row's token at stop_step or earlier, so that every row has finished by then.
+        eos = sorted({int(new[r, min(stop_step, 2 * r)]) for r in range(3)})
+        kwargs = dict(max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+        expected = hf_greedy_with(hf, ids, mask, **kwargs)
+        got = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(got, expected), (stop_step, expected[:, ids.shape[1]:], got[:, ids.shape[1]:])
+        assert got.shape[1] <= ids.shape[1] + stop_step + 1
