@@ -128,26 +128,27 @@ class PagedKVCache:
         positions [N] are the rotary positions of the packed new tokens (they need not equal the cache offsets:
         a left-padded prompt starts at position 0 whatever its padding).
         """
-        device = self.k.device
+        device, bs = self.k.device, self.block_size
         for b, n in enumerate(new_tokens):
             self.reserve(b, self.lengths[b] + n)
-        slots = []
-        for b, n in enumerate(new_tokens):
-            for t in range(self.lengths[b], self.lengths[b] + n):
-                slots.append(self.tables[b][t // self.block_size] * self.block_size + t % self.block_size)
-            self.lengths[b] += n
         max_blocks = max(len(t) for t in self.tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in self.tables]
-        cu = [0]
-        for n in new_tokens:
-            cu.append(cu[-1] + n)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in self.tables], dtype=torch.int64)
+        counts = torch.tensor(new_tokens)
+        cu = torch.zeros(len(new_tokens) + 1, dtype=torch.int64)
+        cu[1:] = counts.cumsum(0)
+        # Token t of sequence b (t counted from the start of the sequence) lives at tables[b, t // bs] * bs + t % bs.
+        seq = torch.repeat_interleave(torch.arange(len(new_tokens)), counts)  # [N] the sequence of each new token
+        t = torch.arange(int(cu[-1])) - cu[seq] + torch.tensor(self.lengths)[seq]
+        slots = tables[seq, t // bs] * bs + t % bs
+        for b, n in enumerate(new_tokens):
+            self.lengths[b] += n
         return StepMetadata(
             positions=positions.to(device=device, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            slot_mapping=slots.to(device),
+            cu_seqlens=cu.to(device=device, dtype=torch.int32),
+            block_tables=tables.to(device=device, dtype=torch.int32),
             seq_lens=torch.tensor(self.lengths, dtype=torch.int32, device=device),
-            last_token=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1,
+            last_token=(cu[1:] - 1).to(device),
             max_seqlen=max(new_tokens),
             is_prefill=is_prefill,
         )
