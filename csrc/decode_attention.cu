@@ -154,7 +154,9 @@ template <typename T, int D> __global__ void __launch_bounds__(kWarps * 32) deco
 template <typename T, int D> __global__ void decode_reduce_kernel(DecodeParams p) {
     const int head = blockIdx.x, seq = blockIdx.y;
     const int64_t first = ((int64_t)seq * p.n_head + head) * p.splits;
-    const int used = (p.seq_lens[seq] + p.partition_size - 1) / p.partition_size;  // partitions holding tokens
+    // Partitions holding tokens; never more than the split kernel wrote (a seq_len beyond max_blocks * block_size
+    // would otherwise read past the workspace).
+    const int used = min((p.seq_lens[seq] + p.partition_size - 1) / p.partition_size, p.splits);
     float m = -INFINITY;
     for (int s = 0; s < used; ++s) m = fmaxf(m, p.partial_ml[(first + s) * 2]);
     float total = 0.f;
