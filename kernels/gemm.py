@@ -14,10 +14,13 @@ Constexprs: HAS_BIAS / HAS_RESIDUAL (which epilogue inputs exist), GELU (tanh-ap
 columns from gelu_start on; GELU=False means no column),
 DOT_PRECISION ("ieee" for fp32 inputs: exact fp32 products for the tests; TF32 would round them),
 BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M (tiling; GROUP_M groups row tiles so neighbouring programs share weights in L2).
+The GEMV's constexprs: the same epilogue flags, ROWS (= M, unrolled), BLOCK_M / BLOCK_N / BLOCK_K.
 
-Two configurations: a skinny one for M <= 16 (decode: a GEMV, bound by reading the weight once, so many narrow
-programs along N stream it with long K steps) and a tiled one for prefill. Under the CPU interpreter large tiles
-keep the Python per-program overhead down.
+Two kernels. On CUDA, M <= 16 (decode) goes to _gemv_kernel: a GEMV, bound by reading the weight once, so each
+program owns BLOCK_N = 4-8 weight rows and streams them along K in steps of 1024 (fp16/bf16; 512 for fp32), with
+fp32 broadcast-multiply-and-sum (no tl.dot, which needs 16 rows) and the same epilogue. Larger M goes to the tiled
+_gemm_kernel. Under the CPU interpreter every M takes the tiled kernel with large tiles (its cost is per program);
+config="gemv" (or a GemvConfig) forces the GEMV there so that the tests run it, config="gemm" forces the tiled one.
 """
 from __future__ import annotations
 
@@ -40,7 +43,39 @@ class GemmConfig(NamedTuple):
     num_stages: int = 3
 
 
+class GemvConfig(NamedTuple):
+    block_n: int  # weight rows (output columns) per program
+    block_k: int  # K step
+    num_warps: int = 4
+
+
+GEMV_MAX_M = 16  # rows of x the GEMV handles (one weight tile per K step serves them all)
+
+
+def use_gemv(m: int, device: torch.device) -> bool:
+    """gemm()'s dispatch with config None: the GEMV for decode-sized M on CUDA, the tiled GEMM otherwise (and
+    always under the CPU interpreter, where the GEMV's many small programs would be slow; config="gemv" forces it)."""
+    return device.type == "cuda" and m <= GEMV_MAX_M
+
+
+def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
+    """DESIGN.md's measured GEMV (H100, M=1): one program per 4-8 rows, BK=1024, 4 warps, 2.17 / 1.58 / 2.34 /
+    2.27 / 2.90 TB/s at qkv / out / fc_in / fc_out / lm_head, each a little ahead of cuBLAS. 4 warps: per K step a
+    program reads BLOCK_N x 1024 x 2 bytes = 8-16 KB of weight, 4-8 16-byte loads per thread issued together, in
+    about 40 registers at M = 1 (sm_90, offline compile), so many programs stay resident per SM.
+    BLOCK_N = 8 by default; 4 for N < 8192 at M <= 2 (out_proj / fc_out, N = 4096: 1024 programs instead of 512
+    on 132 SMs, twice the resident warps to hide each step's cross-warp reduction; these 4096-row shapes are where
+    DESIGN.md measured the lost bandwidth). At larger M each program re-reads the x rows (M/BLOCK_N of the weight
+    traffic, from L1/L2), so M > 2 keeps 8. fp32: BLOCK_K 512, the same bytes per step.
+    The same config under the interpreter, so that the CPU tests run the tiles the GPU runs."""
+    block_k = 512 if dtype == torch.float32 else 1024
+    block_n = 4 if n < 8192 and m <= 2 else 8
+    return GemvConfig(block_n, block_k, num_warps=4)
+
+
 def pick_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The tiled kernel's tiles. On CUDA, M <= 16 reaches it only through config="gemm" (gemm() sends it to the
+    GEMV); its skinny config is kept for that comparison."""
     if device.type != "cuda":  # the interpreter: few, large programs (its cost is per program and per op)
         def fit(size, cap):
             return min(cap, max(16, triton.next_power_of_2(size)))
@@ -106,6 +141,46 @@ def _gemm_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
+    N, K, gelu_start,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[:ROWS, cols] for the BLOCK_N columns of this program: ROWS = M (1..16, unrolled), BLOCK_M its power of 2.
+    The weight tile [BLOCK_N, BLOCK_K] is read once per K step (the traffic that matters) and serves every row of x;
+    products and sums in fp32, one rounding at the store."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    in_n = rn < N
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = rk + k0 < K
+        # Streamed once: evict first, so that x (re-read by every program) stays cached.
+        w = tl.load(w_ptrs, mask=in_n[:, None] & in_k[None, :], other=0.0, eviction_policy="evict_first")
+        w = w.to(tl.float32)
+        for m in tl.static_range(ROWS):
+            xm = tl.load(x_ptr + m * K + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
+            part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]
+            acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
+        w_ptrs += BLOCK_K
+
+    # The tiled kernel's epilogue, on the [BLOCK_M, BLOCK_N] tile.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = tl.where(rn[None, :] >= gelu_start, gelu_tanh(acc), acc)
+    out_mask = (rm[:, None] < ROWS) & in_n[None, :]
+    out_offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 ACTIVATIONS = (None, "gelu_tanh")
 
 
@@ -128,11 +203,13 @@ def gemm(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     activation: str | None = None,
-    config: GemmConfig | None = None,
+    config: GemmConfig | GemvConfig | str | None = None,
     gelu_start: int = 0,
 ) -> torch.Tensor:
-    """act(x @ weight^T + bias) + residual, shapes in the module docstring; config None picks one by shape.
+    """act(x @ weight^T + bias) + residual, shapes in the module docstring.
 
+    config: None picks the kernel (use_gemv) and its tiles by shape; "gemv" / "gemm" force the GEMV (M <= 16 only)
+    / the tiled kernel with tiles picked by shape; a GemvConfig / GemmConfig forces that kernel with those tiles.
     The activation applies to the output columns gelu_start..N-1 only (0 <= gelu_start <= N; N: none).
     """
     check_tensor("x", x)
@@ -152,17 +229,31 @@ def gemm(
     if k == 0:
         raise ValueError(f"weight {tuple(weight.shape)} has in_features 0")
     gelu_start = check_column_start("gelu_start", gelu_start, n)
+    if not (config is None or config in ("gemv", "gemm") or isinstance(config, (GemmConfig, GemvConfig))):
+        raise ValueError(f'config must be None, "gemv", "gemm", a GemvConfig or a GemmConfig, got {config!r}')
     m = x.numel() // k
+    gemv = config == "gemv" or isinstance(config, GemvConfig) or (config is None and use_gemv(m, x.device))
+    if gemv and m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV handles at most {GEMV_MAX_M} rows of x, got {m}")
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or pick_config(m, n, k, x.dtype, x.device)
+    epilogue = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
+                    HAS_RESIDUAL=residual is not None)
+    if gemv:
+        gcfg = config if isinstance(config, GemvConfig) else pick_gemv_config(m, n, k, x.dtype)
+        _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
+            x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
+            n, k, gelu_start, **epilogue,
+            ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+            num_warps=gcfg.num_warps,
+        )
+        return out
+    cfg = config if isinstance(config, GemmConfig) else pick_config(m, n, k, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm_kernel[grid](
         x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
-        m, n, k, gelu_start,
-        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
-        HAS_RESIDUAL=residual is not None,
+        m, n, k, gelu_start, **epilogue,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -255,3 +255,102 @@ def test_gemm_fused_kogpt_6b_shapes(m, dtype):
 def test_gemm_fused_fp16_odd_shapes_on_gpu(m, gelu_start):
     check_split_gelu(m, 4096, 1000, gelu_start, torch.float16, seed=gelu_start)
     check_residual(m, 1000, 4096 + 40, torch.float16, seed=m, use_bias=gelu_start > 0)
+
+
+# ---- The decode GEMV (M <= 16): gemm() sends it M <= 16 on CUDA; config="gemv" forces it under the interpreter ----
+
+def check_gemv(m, n, k, dtype, use_bias=True, gelu_start=None, use_residual=False, config="gemv", seed=0):
+    """Any epilogue combination: bias, GELU from gelu_start on (None: no activation), residual."""
+    x, weight, bias, residual = inputs(m, n, k, dtype, seed)
+    bias = bias if use_bias else None
+    residual = residual if use_residual else None
+    activation = None if gelu_start is None else "gelu_tanh"
+    got = gemm.gemm(x, weight, bias, residual=residual, activation=activation, config=config,
+                    gelu_start=gelu_start or 0)
+    assert got.dtype == dtype and got.shape == (m, n)
+
+    def ref(x, weight, bias, residual):
+        if activation is None:
+            y = reference.linear(x, weight, bias)
+        else:
+            y = reference.linear_split_gelu(x, weight, bias, gelu_start)
+        return y if residual is None else y + residual
+
+    up = UP[dtype]
+    oracle = ref(*(t.to(up) if t is not None else None for t in (x, weight, bias, residual)))
+    assert_within_reference_error(got, oracle, ref(x, weight, bias, residual), dtype)
+
+
+# N = 37 (not a multiple of BLOCK_N 4 or 8), K = 1100: two K steps of 1024 for fp16 (three of 512 for fp32), the
+# last partial. gelu_start 19: inside a BLOCK_N tile; 37 = N: no GELU column.
+GEMV_EPILOGUES = {  # (use_bias, gelu_start, use_residual)
+    "plain": (False, None, False),
+    "bias": (True, None, False),
+    "residual": (False, None, True),
+    "bias_gelu_all": (True, 0, False),
+    "gelu_mid": (False, 19, False),
+    "bias_gelu_mid_residual": (True, 19, True),
+    "bias_gelu_none_residual": (True, 37, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", list(GEMV_EPILOGUES))
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_epilogues(m, epilogue, dtype):
+    use_bias, gelu_start, use_residual = GEMV_EPILOGUES[epilogue]
+    check_gemv(m, 37, 1100, dtype, use_bias, gelu_start, use_residual, seed=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_n, block_k", [(4, 128), (8, 256)])
+@pytest.mark.parametrize("m", [2, 9])
+def test_gemv_explicit_tiles(m, block_n, block_k, dtype):
+    """Many K steps (1100 / 128: 9, the last partial) and both BLOCK_N, at M not a power of 2."""
+    check_gemv(m, 37, 1100, dtype, gelu_start=5, use_residual=True, config=gemm.GemvConfig(block_n, block_k),
+               seed=block_k)
+
+
+def test_gemv_dispatch_rule():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert gemm.use_gemv(1, cuda) and gemm.use_gemv(16, cuda)
+    assert not gemm.use_gemv(17, cuda) and not gemm.use_gemv(1, cpu)
+    # DESIGN.md's tiles: K step 1024 (512 for fp32), 4 warps, 4 rows a program for the 4096-row weights at M <= 2.
+    assert gemm.pick_gemv_config(1, 4096, 4096, torch.float16) == gemm.GemvConfig(4, 1024, 4)
+    assert gemm.pick_gemv_config(1, 12288, 4096, torch.bfloat16) == gemm.GemvConfig(8, 1024, 4)
+    assert gemm.pick_gemv_config(16, 4096, 16384, torch.float16) == gemm.GemvConfig(8, 1024, 4)
+    assert gemm.pick_gemv_config(1, 4096, 4096, torch.float32).block_k == 512
+
+
+def test_gemv_leading_dims_and_bad_config():
+    x, weight, bias, _ = inputs(6, 40, 32, torch.float32)
+    got = gemm.gemm(x.view(2, 3, 32), weight, bias, config="gemv")
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, reference.linear(x, weight, bias).view(2, 3, 40), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemm.gemm(torch.randn(17, 32, device=DEVICE), weight, config="gemv")
+    with pytest.raises(ValueError, match="config must be"):
+        gemm.gemm(x, weight, config="fast")
+
+
+# KoGPT-6B's decode GEMVs at M = 1 (N, K, bias, gelu_start, residual): the five projections at full size (lm_head
+# with the whole 64512 vocab) and GPT-J's two fused GEMMs. M = 1 on CUDA dispatches to the GEMV (config None).
+GEMV_DECODE_SHAPES = {
+    "qkv": (12288, 4096, False, None, False),
+    "out_proj": (4096, 4096, False, None, False),
+    "fc_in": (16384, 4096, True, 0, False),
+    "fc_out": (4096, 16384, True, None, True),
+    "lm_head": (64512, 4096, True, None, False),
+    "fused_qkv_fc_in": (3 * 4096 + 16384, 4096, True, 3 * 4096, False),
+    "fused_out_fc_out": (4096, 4096 + 16384, True, None, True),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(GEMV_DECODE_SHAPES))
+def test_gemv_kogpt_6b_decode_shapes(shape, dtype):
+    n, k, use_bias, gelu_start, use_residual = GEMV_DECODE_SHAPES[shape]
+    assert gemm.use_gemv(1, DEVICE)
+    check_gemv(1, n, k, dtype, use_bias, gelu_start, use_residual, config=None, seed=n + k)
