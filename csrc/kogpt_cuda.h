@@ -47,7 +47,8 @@ const char* kogpt_compiled_archs(void);
 
 /* ---- paged KV cache write (csrc/kv_cache_write.cu) ----
  * k, v [n_tokens, n_head, head_dim] -> k_cache, v_cache [num_blocks, block_size, n_head, head_dim] at
- * slot_mapping[n_tokens] (slot = block * block_size + offset; -1 = skip the token).
+ * slot_mapping[n_tokens] (slot = block * block_size + offset; -1 = skip the token). k and v are read at any token
+ * and head stride (element-aligned, no vector loads): e.g. column slices of GPT-J's fused q | k | v | fc_in output.
  * With rope_table != NULL, k is rotated first (GPT-J interleaved pairs on its first rotary_dim dims, positions
  * [n_tokens], rope_table [n_positions, rotary_dim] fp32: sin in the first half, cos in the second). */
 int kogpt_kv_cache_write(int dtype, int n_tokens, int n_head, int head_dim,
@@ -60,7 +61,9 @@ int kogpt_kv_cache_write(int dtype, int n_tokens, int n_head, int head_dim,
                          cudaStream_t stream);
 
 /* ---- paged decode attention (csrc/decode_attention.cu) ----
- * One new token per sequence: q, k, v [batch, n_head, head_dim] before RoPE. RoPE is applied to q and k, k and v
+ * One new token per sequence: q, k, v [batch, n_head, head_dim] before RoPE, each at any token and head stride
+ * (element-aligned; q is rotated into the workspace first, so only the caches need 16-byte aligned rows, e.g. q, k, v
+ * may be column slices of GPT-J's fused q | k | v | fc_in GEMM output). RoPE is applied to q and k, k and v
  * are written to the caches at slot_mapping[batch], then each query attends to seq_lens[b] cached tokens (the
  * new one included) listed by block_tables [batch, max_blocks] (row stride block_table_stride).
  * The context is split in partitions of `partition_size` tokens (flash-decoding); a second kernel reduces them.

@@ -1,6 +1,7 @@
 """Paged decode attention (flash-decoding): one new query per sequence over its cached context, RoPE fused.
 
-    q, k, v       [B, H, D]   each sequence's new token before RoPE
+    q, k, v       [B, H, D]   each sequence's new token before RoPE; each contiguous in its last two dims, the
+                              token stride free (e.g. column slices of the fused q | k | v | fc_in GEMM output)
     positions     [B] int64   its rotary position;  rope [n_positions, rotary_dim] fp32 (reference.rope_table)
     slot_mapping  [B] int64   the cache slot of the new token: position seq_lens[b] - 1 of sequence b (as
                               PagedKVCache.plan makes it); the rotated k and v are stored there
@@ -39,6 +40,7 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr,
     part_max_ptr, part_sum_ptr, part_acc_ptr,
     scale, H, D, max_blocks, num_splits,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # token and head strides of q, k, v
     ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -47,9 +49,10 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     d = tl.arange(0, BLOCK_D)
     in_d = d < D
-    offs = (seq.to(tl.int64) * H + head) * D + d  # into q, k, v
+    seq64 = seq.to(tl.int64)
     pos = tl.load(pos_ptr + seq).to(tl.int64)
-    q = load_rotated(q_ptr + offs, d, pos, in_d, rope_ptr, ROTARY_DIM).to(tl.float32)
+    q_offs = seq64 * stride_qt + head * stride_qh + d
+    q = load_rotated(q_ptr + q_offs, d, pos, in_d, rope_ptr, ROTARY_DIM).to(tl.float32)
 
     last = tl.load(seq_lens_ptr + seq) - 1  # the new token's position in the context
     lo = split * SPLIT_LEN
@@ -78,8 +81,8 @@ def _decode_split_kernel(
 
     # The new token: attended to, and stored in the cache, by the split that holds its position.
     owner = (lo <= last) & (last < lo + SPLIT_LEN)
-    k_new = load_rotated(k_ptr + offs, d, pos, in_d, rope_ptr, ROTARY_DIM)
-    v_new = tl.load(v_ptr + offs, mask=in_d, other=0.0)
+    k_new = load_rotated(k_ptr + seq64 * stride_kt + head * stride_kh + d, d, pos, in_d, rope_ptr, ROTARY_DIM)
+    v_new = tl.load(v_ptr + seq64 * stride_vt + head * stride_vh + d, mask=in_d, other=0.0)
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     new_mask = in_d & owner & (slot >= 0)
     tl.store(k_cache_ptr + (slot * H + head) * D + d, k_new, mask=new_mask)
@@ -149,13 +152,14 @@ def decode_attention(
     rotary_dim: int,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """reference.decode_attention (shapes in the module docstring); num_splits None picks one for the device."""
-    check_tensor("q", q, dim=3)
+    """reference.decode_attention (shapes in the module docstring); num_splits None picks one for the device.
+    q, k, v may have any token stride (their last two dims contiguous); out is contiguous."""
+    check_tensor("q", q, dim=3, contiguous="rows")
     batch, n_head, head_dim = q.shape
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} exceeds the decode kernel's limit of {MAX_HEAD_DIM}")
-    check_tensor("k", k, shape=tuple(q.shape), device=q.device)
-    check_tensor("v", v, shape=tuple(q.shape), device=q.device)
+    check_tensor("k", k, shape=tuple(q.shape), device=q.device, contiguous="rows")
+    check_tensor("v", v, shape=tuple(q.shape), device=q.device, contiguous="rows")
     check_tensor("k_cache", k_cache, shape=(None, None, n_head, head_dim), device=q.device)
     check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), device=q.device)
     check_same_dtype(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
@@ -166,7 +170,7 @@ def decode_attention(
     check_tensor("meta.slot_mapping", meta.slot_mapping, shape=(batch,), dtypes=ints, device=q.device)
     check_tensor("meta.seq_lens", meta.seq_lens, shape=(batch,), dtypes=ints, device=q.device)
     check_tensor("meta.block_tables", meta.block_tables, shape=(batch, None), dtypes=ints, device=q.device)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     page_size = k_cache.shape[1]
@@ -181,6 +185,7 @@ def decode_attention(
         q, k, v, meta.positions, rope if rotary_dim else q, k_cache, v_cache, meta.slot_mapping,
         meta.block_tables, meta.seq_lens, part_max, part_sum, part_acc,
         1.0 / math.sqrt(head_dim), n_head, head_dim, max_blocks, splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROTARY_DIM=rotary_dim, PAGE_SIZE=page_size, SPLIT_LEN=split_len, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4, enable_fp_fusion=fp_fusion_ok(q.dtype),
     )

@@ -1,6 +1,7 @@
 """Store new keys (RoPE applied) and values into one layer's paged KV cache, by slot.
 
-    k, v          [N, H, D]                          new tokens, before RoPE
+    k, v          [N, H, D]                          new tokens, before RoPE (last two dims contiguous, any
+                                                     token stride)
     k_cache/v_cache [num_blocks, block_size, H, D]   the layer's pools (slot = block * block_size + offset)
     slot_mapping  [N] int64/int32                    each token's slot; -1 skips the token
     positions     [N] int64                          rotary positions (only with rotary_dim > 0)
@@ -26,6 +27,7 @@ from .rope import check_rope, fp_fusion_ok, load_rotated
 def _write_kv_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, rope_ptr,
     N, H, D,
+    stride_kt, stride_kh, stride_vt, stride_vh,  # token and head strides of k, v
     ROTARY_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -34,15 +36,17 @@ def _write_kv_cache_kernel(
     in_n = tokens < N
     slot = tl.load(slot_ptr + tokens, mask=in_n, other=-1).to(tl.int64)
     mask = (slot[:, None] >= 0) & (d < D)[None, :]  # [BLOCK_T, BLOCK_D]
-    src = (tokens.to(tl.int64)[:, None] * H + head) * D + d[None, :]
+    tokens64 = tokens.to(tl.int64)[:, None]
+    k_src = tokens64 * stride_kt + head * stride_kh + d[None, :]
+    v_src = tokens64 * stride_vt + head * stride_vh + d[None, :]
     dst = (slot[:, None] * H + head) * D + d[None, :]
     if ROTARY_DIM > 0:
         pos = tl.load(pos_ptr + tokens, mask=in_n, other=0).to(tl.int64)[:, None]
     else:
         pos = 0
-    k = load_rotated(k_ptr + src, d[None, :], pos, mask, rope_ptr, ROTARY_DIM)
+    k = load_rotated(k_ptr + k_src, d[None, :], pos, mask, rope_ptr, ROTARY_DIM)
     tl.store(k_cache_ptr + dst, k, mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + v_src, mask=mask), mask=mask)
 
 
 def write_kv_cache(
@@ -56,9 +60,9 @@ def write_kv_cache(
     rotary_dim: int = 0,
 ) -> None:
     """k_cache/v_cache[slot_mapping[n]] = rope(k[n]), v[n] (see the module docstring for shapes)."""
-    check_tensor("k", k, dim=3)
+    check_tensor("k", k, dim=3, contiguous="rows")
     n_tokens, n_head, head_dim = k.shape
-    check_tensor("v", v, shape=tuple(k.shape), device=k.device)
+    check_tensor("v", v, shape=tuple(k.shape), device=k.device, contiguous="rows")
     check_tensor("k_cache", k_cache, shape=(None, None, n_head, head_dim), device=k.device)
     check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), device=k.device)
     check_same_dtype(k=k, v=v, k_cache=k_cache, v_cache=v_cache)
@@ -76,6 +80,7 @@ def write_kv_cache(
         k, v, k_cache, v_cache, slot_mapping,
         positions if rotary_dim else slot_mapping, rope if rotary_dim else k,  # unused when not rotating
         n_tokens, n_head, head_dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROTARY_DIM=rotary_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
         enable_fp_fusion=fp_fusion_ok(k.dtype),
     )

@@ -1,6 +1,8 @@
 """Causal flash attention over variable-length sequences packed into one launch, RoPE fused, K/V into the paged cache.
 
-    q, k, v        [N, H, D]   the step's new tokens before RoPE, sequences one after another
+    q, k, v        [N, H, D]   the step's new tokens before RoPE, sequences one after another; each contiguous in
+                               its last two dims, the token stride free (e.g. column slices of the fused
+                               q | k | v | fc_in GEMM output, token stride 3d + d_ff)
     cu_seqlens     [B+1] int32 sequence b is tokens cu_seqlens[b] : cu_seqlens[b+1]
     positions      [N] int64   rotary positions;  rope [n_positions, rotary_dim] fp32 (reference.rope_table)
     slot_mapping   [N] int64   where each token's rotated K and its V go in k_cache / v_cache
@@ -58,6 +60,7 @@ def pick_config(block_d: int, dtype: torch.dtype, device: torch.device) -> Atten
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, cu_seqlens_ptr,
     scale, H, D,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # token and head strides of q, k, v
     ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -74,18 +77,21 @@ def _prefill_attention_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
     in_seq = rows < seq_len
     tokens = (start + rows).to(tl.int64)
-    offs = (tokens[:, None] * H + head) * D + d[None, :]  # [BLOCK_M, BLOCK_D] into q, k, v, out
+    offs = (tokens[:, None] * H + head) * D + d[None, :]  # [BLOCK_M, BLOCK_D] into out (contiguous)
+    q_offs = tokens[:, None] * stride_qt + head * stride_qh + d[None, :]
     mask = in_seq[:, None] & in_d[None, :]
     pos = tl.load(pos_ptr + tokens, mask=in_seq, other=0).to(tl.int64)[:, None]
-    q = load_rotated(q_ptr + offs, d[None, :], pos, mask, rope_ptr, ROTARY_DIM)
+    q = load_rotated(q_ptr + q_offs, d[None, :], pos, mask, rope_ptr, ROTARY_DIM)
 
     # This tile's own tokens go to the cache.
     slot = tl.load(slot_ptr + tokens, mask=in_seq, other=-1).to(tl.int64)
     cache_offs = (slot[:, None] * H + head) * D + d[None, :]
     cache_mask = mask & (slot[:, None] >= 0)
-    k_own = load_rotated(k_ptr + offs, d[None, :], pos, mask, rope_ptr, ROTARY_DIM)
+    k_own = load_rotated(k_ptr + tokens[:, None] * stride_kt + head * stride_kh + d[None, :], d[None, :], pos, mask,
+                         rope_ptr, ROTARY_DIM)
     tl.store(k_cache_ptr + cache_offs, k_own, mask=cache_mask)
-    tl.store(v_cache_ptr + cache_offs, tl.load(v_ptr + offs, mask=mask), mask=cache_mask)
+    v_own = tl.load(v_ptr + tokens[:, None] * stride_vt + head * stride_vh + d[None, :], mask=mask)
+    tl.store(v_cache_ptr + cache_offs, v_own, mask=cache_mask)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(score - m_i)
@@ -95,11 +101,12 @@ def _prefill_attention_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)  # key index within the sequence
         in_keys = cols < seq_len
         key_tokens = (start + cols).to(tl.int64)
-        key_offs = (key_tokens[:, None] * H + head) * D + d[None, :]
         key_mask = in_keys[:, None] & in_d[None, :]
         key_pos = tl.load(pos_ptr + key_tokens, mask=in_keys, other=0).to(tl.int64)[:, None]
-        k = load_rotated(k_ptr + key_offs, d[None, :], key_pos, key_mask, rope_ptr, ROTARY_DIM)
-        v = tl.load(v_ptr + key_offs, mask=key_mask, other=0.0)
+        k_offs = key_tokens[:, None] * stride_kt + head * stride_kh + d[None, :]
+        k = load_rotated(k_ptr + k_offs, d[None, :], key_pos, key_mask, rope_ptr, ROTARY_DIM)
+        v = tl.load(v_ptr + key_tokens[:, None] * stride_vt + head * stride_vh + d[None, :], mask=key_mask,
+                    other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N] fp32
         visible = (cols[None, :] <= rows[:, None]) & in_keys[None, :]
@@ -127,13 +134,14 @@ def prefill_attention(
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """reference.prefill_attention (shapes in the module docstring); uses meta.cu_seqlens, positions,
-    slot_mapping and max_seqlen (the longest sequence: the launch grid, read without a device sync)."""
-    check_tensor("q", q, dim=3)
+    slot_mapping and max_seqlen (the longest sequence: the launch grid, read without a device sync).
+    q, k, v may have any token stride (their last two dims contiguous); out is contiguous."""
+    check_tensor("q", q, dim=3, contiguous="rows")
     n_tokens, n_head, head_dim = q.shape
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} exceeds the prefill kernel's limit of {MAX_HEAD_DIM}")
-    check_tensor("k", k, shape=tuple(q.shape), device=q.device)
-    check_tensor("v", v, shape=tuple(q.shape), device=q.device)
+    check_tensor("k", k, shape=tuple(q.shape), device=q.device, contiguous="rows")
+    check_tensor("v", v, shape=tuple(q.shape), device=q.device, contiguous="rows")
     check_tensor("k_cache", k_cache, shape=(None, None, n_head, head_dim), device=q.device)
     check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), device=q.device)
     check_same_dtype(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
@@ -143,7 +151,7 @@ def prefill_attention(
     check_tensor("meta.positions", meta.positions, shape=(n_tokens,), dtypes=ints, device=q.device)
     check_tensor("meta.slot_mapping", meta.slot_mapping, shape=(n_tokens,), dtypes=ints, device=q.device)
     check_tensor("meta.cu_seqlens", meta.cu_seqlens, dim=1, dtypes=ints, device=q.device)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch = meta.cu_seqlens.shape[0] - 1
     if n_tokens == 0 or batch <= 0 or meta.max_seqlen <= 0:
         return out
@@ -154,6 +162,7 @@ def prefill_attention(
         q, k, v, out, meta.positions, rope if rotary_dim else q, k_cache, v_cache, meta.slot_mapping,
         meta.cu_seqlens,
         1.0 / math.sqrt(head_dim), n_head, head_dim,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROTARY_DIM=rotary_dim, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=fp_fusion_ok(q.dtype),

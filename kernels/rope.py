@@ -18,7 +18,8 @@ import triton.language as tl
 def load_rotated(x_ptrs, d, pos, mask, rope_ptr, ROTARY_DIM: tl.constexpr):
     """Load head vectors and apply RoPE to their first ROTARY_DIM dims; returns them in the pointers' dtype.
 
-    x_ptrs: pointers to the elements (any shape, e.g. [rows, BLOCK_D]); d: each element's dim within its head
+    x_ptrs: pointers to the elements (any shape, e.g. [rows, BLOCK_D]), each head's dims contiguous (a pair's
+    other element is at x_ptrs +/- 1; the rows may be at any stride); d: each element's dim within its head
     (broadcastable to x_ptrs); pos: each element's rotary position (int64, broadcastable); mask: what to load.
     ROTARY_DIM = 0 loads without rotating.
     """

@@ -173,6 +173,8 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    rope_table: torch.Tensor | None = None, rotary_dim: int = 0) -> None:
     """Store k, v [N, H, D] into the pools [num_blocks, block_size, H, D] at slot_mapping [N] (int64; -1 skips).
 
+    k and v need only their last dim contiguous: their token and head strides go to the library.
+
     With rope_table ([n_positions, rotary_dim] fp32) and positions [N] int64, k is rotated (GPT-J RoPE) first.
     """
     dtype = _dtype_code("k", k)
@@ -225,7 +227,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Paged decode attention with RoPE and the cache write fused (kogpt_fast.reference.decode_attention).
 
-    q, k, v [B, H, D] before RoPE; positions, slot_mapping [B] int64; block_tables [B, max_blocks] int32;
+    q, k, v [B, H, D] before RoPE, last dim contiguous, any token and head strides (e.g. column slices of the fused
+    q | k | v | fc_in GEMM output); positions, slot_mapping [B] int64; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (counting the new token); rope_table [n_positions, rotary_dim] fp32. Returns out [B, H, D].
     """
     dtype = _dtype_code("q", q)

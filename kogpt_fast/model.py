@@ -230,7 +230,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             if fused:  # two GEMMs a layer; rounding differs from HF's four, so the reference path stays unfused
                 w_in, b_in, w_out, b_out = fused[layer]
                 y = ops.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
-                q, k, v = (y[:, i * d:(i + 1) * d].contiguous().view(shape) for i in range(3))
+                q, k, v = (y[:, i * d:(i + 1) * d].view(shape) for i in range(3))  # views: token stride 3d + d_ff
                 a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)
                 x = ops.linear_residual(torch.cat([a.reshape(-1, d), y[:, 3 * d:]], dim=1), w_out, b_out, x)
                 continue

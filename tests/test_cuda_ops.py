@@ -228,6 +228,95 @@ def test_decode_attention_partition_sizes(partition_size):
     assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
 
 
+def _column_slices(*tensors, extra=40):
+    """[N, H, D] tensors as views into one wider [N, len * H * D + extra] buffer, as the model takes q, k, v from
+    the fused q | k | v | fc_in GEMM output: last two dims contiguous, token stride > H * D. Same values."""
+    n, h, d = tensors[0].shape
+    wide = torch.randn(n, len(tensors) * h * d + extra, device=tensors[0].device).to(tensors[0].dtype)
+    views = []
+    for i, t in enumerate(tensors):
+        wide[:, i * h * d:(i + 1) * h * d] = t.reshape(n, h * d)
+        views.append(wide[:, i * h * d:(i + 1) * h * d].view(-1, h, d))
+    assert all(t.stride() == (wide.shape[1], d, 1) and torch.equal(t, s) for t, s in zip(views, tensors))
+    return views
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [256, 64])
+def test_write_kv_cache_column_slices(impl, dtype, head_dim):
+    """k, v with token stride 2 * H * D + 40: the same cache contents as contiguous k, v (exact)."""
+    skip_triton_off_model_shape(impl, head_dim)
+    torch.manual_seed(4)
+    n_tokens, n_head, block_size, num_blocks = 37, 3, 8, 11
+    k = torch.randn(n_tokens, n_head, head_dim, device="cuda").to(dtype)
+    v = torch.randn_like(k)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:n_tokens]
+    slots[::5] = -1
+    k_cache = torch.randn(num_blocks, block_size, n_head, head_dim, device="cuda").to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    _loop_write(k, v, k_ref, v_ref, slots)
+    ks, vs = _column_slices(k, v)
+    ops_for(impl, "write_kv_cache")(ks, vs, k_cache, v_cache, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    if impl == "cuda":  # with RoPE: the library's strided k read, rotated as the reference rotates
+        positions = torch.randint(0, 2048, (n_tokens,), device="cuda")
+        table = reference.rope_table(2048, 64, "cuda")
+        _loop_write(reference.apply_rope(k, positions, table, 64), v, k_ref, v_ref, slots)
+        cuda_lib.kv_cache_write(ks, vs, k_cache, v_cache, slots, positions, table, 64)
+        torch.cuda.synchronize()
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (5, 8)])
+@pytest.mark.parametrize("head_dim", [256, 64])
+def test_decode_attention_column_slices(impl, dtype, batch, block_size, head_dim):
+    """q, k, v as views into the fused GEMM's output (token stride 3 * H * D + 40): as test_decode_attention."""
+    skip_triton_off_model_shape(impl, head_dim)
+    case = _decode_case(batch, block_size, head_dim, dtype, seed=batch * 11 + block_size)
+    cache, meta, q, k, v, rope, rotary_dim = case
+    ref32, _, _ = _run_reference(torch.float32, *case)
+    ref_lowp, k_ref, v_ref = _run_reference(dtype, *case)
+    k_cache, v_cache = cache.k[0].to(dtype), cache.v[0].to(dtype)
+    qs, ks, vs = _column_slices(q.to(dtype), k.to(dtype), v.to(dtype))
+    out = ops_for(impl, "decode_attention")(qs, ks, vs, meta, k_cache, v_cache, rope, rotary_dim)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
+    if impl == "cuda":  # the fused cache write rounds RoPE as the reference does
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        # The library copies the rotated q out first: the strides change where it reads, not what it computes.
+        k_contig, v_contig = cache.k[0].to(dtype), cache.v[0].to(dtype)
+        same = cuda_ops.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), meta, k_contig, v_contig, rope,
+                                         rotary_dim)
+        assert torch.equal(out, same)
+
+
+def test_cpu_ops_take_column_slices():
+    """On the CPU (the reference's path) q, k, v views into a wider buffer give the contiguous inputs' result."""
+    g = torch.Generator().manual_seed(2)
+    n_head, head_dim, block_size = 2, 64, 8
+    cache = PagedKVCache(1, 8, block_size, n_head, head_dim, torch.float32, "cpu")
+    cache.start([5, 3])
+    meta = cache.plan([5, 3], torch.cat([torch.arange(5), torch.arange(3)]), is_prefill=True)
+    q, k, v = (torch.randn(8, n_head, head_dim, generator=g) for _ in range(3))
+    rope = reference.rope_table(64, 32)
+    k_cache, v_cache = cache.k[0].clone(), cache.v[0].clone()
+    expected = cuda_ops.prefill_attention(q, k, v, meta, k_cache, v_cache, rope, 32)
+    qs, ks, vs = _column_slices(q, k, v)
+    got = cuda_ops.prefill_attention(qs, ks, vs, meta, cache.k[0], cache.v[0], rope, 32)
+    assert torch.equal(got, expected)
+    assert torch.equal(cache.k[0], k_cache) and torch.equal(cache.v[0], v_cache)
+
+
 # ---- GPU: GEMV ----
 
 @pytest.mark.gpu

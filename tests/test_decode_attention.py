@@ -57,8 +57,23 @@ def decode_step(context_lens, n_head, head_dim, block_size, dtype, seed=0):
     return [t.to(DEVICE) for t in (q, k, v)], meta, [c.to(DEVICE) for c in cache]
 
 
-def check(context_lens, n_head, head_dim, rotary_dim, block_size, dtype, num_splits=None, seed=0):
+def column_slices(q, k, v, extra=40):
+    """q, k, v as views into one wider [B, 3 * H * D + extra] buffer (as the model takes them from the fused
+    q | k | v | fc_in GEMM output): last two dims contiguous, token stride > H * D. Same values."""
+    n, h, d = q.shape
+    wide = torch.randn(n, 3 * h * d + extra, generator=torch.Generator().manual_seed(7)).to(q.dtype).to(q.device)
+    views = []
+    for i, t in enumerate((q, k, v)):
+        wide[:, i * h * d:(i + 1) * h * d] = t.reshape(n, h * d)
+        views.append(wide[:, i * h * d:(i + 1) * h * d].view(-1, h, d))
+    assert all(t.stride() == (wide.shape[1], d, 1) for t in views)
+    return views
+
+
+def check(context_lens, n_head, head_dim, rotary_dim, block_size, dtype, num_splits=None, seed=0, strided=False):
     (q, k, v), meta, (k_cache, v_cache) = decode_step(context_lens, n_head, head_dim, block_size, dtype, seed)
+    if strided:
+        q, k, v = column_slices(q, k, v)
     rope = reference.rope_table(2048 + 2 * len(context_lens), rotary_dim).to(DEVICE)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     expected = reference.decode_attention(q, k, v, meta, expected_k, expected_v, rope, rotary_dim)
@@ -67,6 +82,7 @@ def check(context_lens, n_head, head_dim, rotary_dim, block_size, dtype, num_spl
         q.to(up), k.to(up), v.to(up), meta, k_cache.to(up), v_cache.to(up), rope, rotary_dim
     )
     got = decode.decode_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim, num_splits=num_splits)
+    assert got.is_contiguous()
     assert torch.equal(v_cache, expected_v), "values in the cache differ from the reference"
     assert torch.equal(k_cache, expected_k), "rotated keys in the cache differ from the reference"
     assert_within_reference_error(got, oracle, expected, dtype)
@@ -93,6 +109,16 @@ def test_decode_other_geometries(head_dim, rotary_dim):
     check([5, 17, 1, 40, 9, 64], 3, head_dim, rotary_dim, 8, torch.float32, num_splits=2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_column_slices_of_a_wider_buffer(dtype):
+    """q, k, v with token stride 3 * H * D + 40 (the fused GEMM's output viewed per head)."""
+    check([1, 7, 33, 130], 2, 256, 64, 8, dtype, num_splits=3, seed=13, strided=True)
+
+
+def test_decode_column_slices_other_geometry():
+    check([5, 17, 1, 40], 3, 80, 80, 8, torch.float32, num_splits=2, seed=14, strided=True)
+
+
 def test_plan_splits():
     cpu = torch.device("cpu")
     assert decode.plan_splits(1, 2, 130, 16, cpu, num_splits=3) == (3, 48)  # 9 chunks of 16 -> 3 splits of 3
@@ -112,6 +138,9 @@ def test_bad_inputs_raise_value_errors():
                                 v_cache, rope, 16)
     with pytest.raises(ValueError, match="dtypes differ"):
         decode.decode_attention(q, k, v, meta, k_cache.half(), v_cache, rope, 16)
+    with pytest.raises(ValueError, match="v must be contiguous in its last two dims"):
+        decode.decode_attention(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), meta, k_cache, v_cache,
+                                rope, 16)
 
 
 @pytest.mark.gpu
@@ -124,6 +153,18 @@ def test_decode_kogpt_6b_shapes(batch, dtype):
     lens = torch.randint(1, 2049, (batch,), generator=g).tolist()
     lens[0] = 2048
     check(lens, 16, 256, 64, 16, dtype, seed=batch)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 7])
+def test_decode_column_slices_on_gpu(batch, dtype):
+    """KoGPT-6B heads as views into the fused GEMM's output (token stride 3d + 40), contexts up to 2048."""
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 2049, (batch,), generator=g).tolist()
+    lens[0] = 2048
+    check(lens, 16, 256, 64, 16, dtype, seed=batch, strided=True)
 
 
 @pytest.mark.gpu

@@ -59,6 +59,31 @@ def test_write_equals_reference(n_tokens, n_head, head_dim, rotary_dim, block_si
     assert mismatch == 0, f"{mismatch} rotated key elements differ from the reference"
 
 
+def as_column_slices(k, v, extra=24):
+    """k, v as views into one wider [N, 2 * H * D + extra] buffer: last two dims contiguous, token stride
+    2 * H * D + extra (the model's views into the fused GEMM's output). Same values."""
+    n, h, d = k.shape
+    wide = torch.randn(n, 2 * h * d + extra, generator=torch.Generator().manual_seed(5)).to(k.dtype).to(k.device)
+    wide[:, :h * d] = k.reshape(n, h * d)
+    wide[:, h * d:2 * h * d] = v.reshape(n, h * d)
+    return wide[:, :h * d].view(-1, h, d), wide[:, h * d:2 * h * d].view(-1, h, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "n_head, head_dim, rotary_dim", [(2, 256, 64), (3, 80, 80), (4, 32, 0)], ids=["kogpt", "full_rotary_d80",
+                                                                                 "no_rope_d32"],
+)
+def test_write_column_slices_of_a_wider_buffer(n_head, head_dim, rotary_dim, dtype):
+    t = random_write(33, n_head, head_dim, rotary_dim, 8, dtype, seed=21)
+    expected_k, expected_v = reference_write(**t, rotary_dim=rotary_dim)
+    t["k"], t["v"] = as_column_slices(t["k"], t["v"])
+    assert t["k"].stride(0) > n_head * head_dim and not t["k"].is_contiguous()
+    kv_cache_write.write_kv_cache(**t, rotary_dim=rotary_dim)
+    assert torch.equal(t["v_cache"], expected_v)
+    assert torch.equal(t["k_cache"], expected_k)
+
+
 def test_bad_inputs_raise_value_errors():
     t = random_write(4, 2, 32, 16, 8, torch.float32)
     with pytest.raises(ValueError, match="v must have shape"):
@@ -82,5 +107,16 @@ def test_bad_inputs_raise_value_errors():
 def test_write_equals_reference_kogpt_6b_shapes(n_tokens, dtype):
     t = random_write(n_tokens, 16, 256, 64, 16, dtype)
     expected_k, expected_v = reference_write(**t, rotary_dim=64)
+    kv_cache_write.write_kv_cache(**t, rotary_dim=64)
+    assert torch.equal(t["v_cache"], expected_v) and torch.equal(t["k_cache"], expected_k)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_write_column_slices_kogpt_6b_shapes(dtype):
+    t = random_write(2048, 16, 256, 64, 16, dtype)
+    expected_k, expected_v = reference_write(**t, rotary_dim=64)
+    t["k"], t["v"] = as_column_slices(t["k"], t["v"])
     kv_cache_write.write_kv_cache(**t, rotary_dim=64)
     assert torch.equal(t["v_cache"], expected_v) and torch.equal(t["k_cache"], expected_k)

@@ -52,8 +52,23 @@ def packed_prefill(lens, n_head, head_dim, block_size, dtype, seed=0):
     return [t.to(DEVICE) for t in (q, k, v)], meta, [c.to(DEVICE) for c in cache]
 
 
-def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, seed=0):
+def column_slices(q, k, v, extra=40):
+    """q, k, v as views into one wider [N, 3 * H * D + extra] buffer (as the model takes them from the fused
+    q | k | v | fc_in GEMM output): last two dims contiguous, token stride > H * D. Same values."""
+    n, h, d = q.shape
+    wide = torch.randn(n, 3 * h * d + extra, generator=torch.Generator().manual_seed(7)).to(q.dtype).to(q.device)
+    views = []
+    for i, t in enumerate((q, k, v)):
+        wide[:, i * h * d:(i + 1) * h * d] = t.reshape(n, h * d)
+        views.append(wide[:, i * h * d:(i + 1) * h * d].view(-1, h, d))
+    assert all(t.stride() == (wide.shape[1], d, 1) for t in views)
+    return views
+
+
+def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, seed=0, strided=False):
     (q, k, v), meta, (k_cache, v_cache) = packed_prefill(lens, n_head, head_dim, block_size, dtype, seed)
+    if strided:
+        q, k, v = column_slices(q, k, v)
     rope = reference.rope_table(2048 + 3 * len(lens), rotary_dim).to(DEVICE)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     expected = reference.prefill_attention(q, k, v, meta, expected_k, expected_v, rope, rotary_dim)
@@ -62,6 +77,7 @@ def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, se
         q.to(up), k.to(up), v.to(up), meta, k_cache.to(up), v_cache.to(up), rope, rotary_dim
     )
     got = prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim, config=config)
+    assert got.is_contiguous()
     assert torch.equal(v_cache, expected_v), "values in the cache differ from the reference"
     assert torch.equal(k_cache, expected_k), "rotated keys in the cache differ from the reference"
     assert_within_reference_error(got, oracle, expected, dtype)
@@ -89,6 +105,16 @@ def test_prefill_small_tiles_fp16():
     check([130, 5], 2, 256, 64, 16, torch.float16, config=SMALL_TILES)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_column_slices_of_a_wider_buffer(dtype):
+    """q, k, v with token stride 3 * H * D + 40 (the fused GEMM's output viewed per head), packed sequences."""
+    check([7, 1, 33], 2, 256, 64, 8, dtype, config=SMALL_TILES, seed=11, strided=True)
+
+
+def test_prefill_column_slices_other_geometry():
+    check([5, 19], 3, 80, 80, 16, torch.float32, config=SMALL_TILES, seed=12, strided=True)
+
+
 def test_ops_module_runs_the_kernel():
     ops = backends.triton_kernels("ops")
     assert ops.prefill_attention is prefill.prefill_attention
@@ -103,6 +129,12 @@ def test_bad_inputs_raise_value_errors():
         prefill.prefill_attention(q, k, v, meta, k_cache[..., :16].contiguous(), v_cache, rope, 16)
     with pytest.raises(ValueError, match="rope table"):
         prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope.double(), 16)
+    with pytest.raises(ValueError, match="k must be contiguous in its last two dims"):
+        prefill.prefill_attention(q, k.transpose(0, 1).contiguous().transpose(0, 1), v, meta, k_cache, v_cache,
+                                  rope, 16)
+    with pytest.raises(ValueError, match="q must be contiguous in its last two dims"):
+        prefill.prefill_attention(torch.zeros(5, 2, 64, device=DEVICE)[..., ::2], k, v, meta, k_cache, v_cache,
+                                  rope, 16)
     with pytest.raises(ValueError, match="head_dim 512 exceeds"):
         big = torch.zeros(5, 1, 512, device=DEVICE)
         prefill.prefill_attention(big, big, big, meta, torch.zeros(4, 8, 1, 512, device=DEVICE),
@@ -115,6 +147,14 @@ def test_bad_inputs_raise_value_errors():
 @pytest.mark.parametrize("lens", [[2048], [1, 7, 130, 2048], [512] * 8], ids=["2048", "mixed", "8x512"])
 def test_prefill_kogpt_6b_shapes(lens, dtype):
     check(lens, 16, 256, 64, 16, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_prefill_column_slices_on_gpu(dtype):
+    """KoGPT-6B heads as views into the fused GEMM's output (token stride 3d + 40)."""
+    check([1, 7, 130, 600], 16, 256, 64, 16, dtype, strided=True)
 
 
 @pytest.mark.gpu
