@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .kv_cache import PagedKVCache, StepMetadata
+from .kv_cache import PagedKVCache, StepMetadata, token_slots
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class DecodeStep:
     def _step(self) -> torch.Tensor:
         bs = self.cache.block_size
         positions = self.seq_lens.long()  # the new token's position is the number of tokens cached before it
-        slots = self.block_tables[self.rows, positions // bs].long() * bs + positions % bs
+        slots = token_slots(self.block_tables, self.rows, positions, bs)
         self.seq_lens += 1
         meta = StepMetadata(
             positions=positions, slot_mapping=slots, cu_seqlens=self.cu_seqlens, block_tables=self.block_tables,

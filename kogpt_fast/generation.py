@@ -156,13 +156,15 @@ def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eo
 class GenerationMixin:
     """Adds `generate()` to a model that has `config`, `device`, `cache_for()` and `forward_step()`."""
 
-    def _generation_defaults(self) -> GenerationConfig:
-        base = getattr(self, "generation_config", None)
-        cfg = GenerationConfig.from_any(base)
-        c = self.config
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(cfg, name) is None:
-                cfg = dataclasses.replace(cfg, **{name: getattr(c, name)})
+    def _generation_defaults(self, source=None) -> GenerationConfig:
+        """`source` (ours or HF's; default the checkpoint's generation_config.json); token ids it leaves unset come
+        from the checkpoint's generation_config.json, then from config.json."""
+        checkpoint = getattr(self, "generation_config", None)
+        cfg = GenerationConfig.from_any(source if source is not None else checkpoint)
+        for fallback in (checkpoint, self.config):
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(cfg, name) is None and getattr(fallback, name, None) is not None:
+                    cfg = dataclasses.replace(cfg, **{name: getattr(fallback, name)})
         return cfg
 
     def _prefill(self, cache, input_ids, attention_mask, lengths) -> torch.Tensor:
@@ -217,14 +219,7 @@ class GenerationMixin:
         if inputs is not None and input_ids is not None:
             raise ValueError("pass the prompt once: either `inputs` or `input_ids`, not both")
         input_ids = inputs if input_ids is None else input_ids
-        cfg = self._generation_defaults()
-        if generation_config is not None:
-            cfg = GenerationConfig.from_any(generation_config)
-            defaults = self._generation_defaults()
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if getattr(cfg, name) is None:
-                    cfg = dataclasses.replace(cfg, **{name: getattr(defaults, name)})
-        cfg = cfg.update(**kwargs)
+        cfg = self._generation_defaults(generation_config).update(**kwargs)
         _validate(cfg, self.config.vocab_size)
         eos = _as_list(cfg.eos_token_id)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else None)

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import torch
 
 
+def token_slots(block_tables: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slots [N] of tokens t [N] (counted from their sequence's start) of sequences seq [N]:
+    block_tables[seq, t // block_size] * block_size + t % block_size."""
+    return block_tables[seq, t // block_size].long() * block_size + t % block_size
+
+
 class KVCacheExhausted(RuntimeError):
     """The block pool has too few free blocks for the request."""
 
@@ -136,10 +142,9 @@ class PagedKVCache:
         counts = torch.tensor(new_tokens)
         cu = torch.zeros(len(new_tokens) + 1, dtype=torch.int64)
         cu[1:] = counts.cumsum(0)
-        # Token t of sequence b (t counted from the start of the sequence) lives at tables[b, t // bs] * bs + t % bs.
         seq = torch.repeat_interleave(torch.arange(len(new_tokens)), counts)  # [N] the sequence of each new token
         t = torch.arange(int(cu[-1])) - cu[seq] + torch.tensor(self.lengths)[seq]
-        slots = tables[seq, t // bs] * bs + t % bs
+        slots = token_slots(tables, seq, t, bs)
         for b, n in enumerate(new_tokens):
             self.lengths[b] += n
         return StepMetadata(

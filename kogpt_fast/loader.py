@@ -142,6 +142,13 @@ class CheckpointReader(contextlib.ExitStack):
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: damaged file ({e})") from e
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from the file's header (safetensors) without loading the tensor."""
+        handle = self._handle(self.names[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in dict.fromkeys(self.names.values()))
 
@@ -190,13 +197,7 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=N
     tied = config.tie_word_embeddings
     with CheckpointReader(directory) as reader:
         present = {n for n in reader.names if not IGNORED_KEY.match(n)}
-        problems = check_names(expected, present, tied)
-        for name in sorted(present & set(expected)):
-            shape = _shape(reader, name)
-            if shape != tuple(expected[name].shape):
-                problems.append(
-                    f"{name}: shape {shape} in the checkpoint, {tuple(expected[name].shape)} expected from config.json"
-                )
+        problems = mismatches(expected, {n: reader.shape(n) for n in present}, tied, "the checkpoint")
         if problems:
             raise CheckpointError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
         names = [n for n in expected if n in present and not (tied and n == "lm_head.weight")]
@@ -220,11 +221,8 @@ def model_from_state_dict(cls, config: GPTJConfig, state_dict: dict, backend: st
         model = cls(config, backend=backend)
     expected = dict(model.named_parameters())
     present = {n for n in state_dict if not IGNORED_KEY.match(n)}
-    problems = check_names(expected, present, config.tie_word_embeddings)
-    problems += [
-        f"{n}: shape {tuple(state_dict[n].shape)}, {tuple(expected[n].shape)} expected from the config"
-        for n in sorted(present & set(expected)) if tuple(state_dict[n].shape) != tuple(expected[n].shape)
-    ]
+    shapes = {n: tuple(state_dict[n].shape) for n in present}
+    problems = mismatches(expected, shapes, config.tie_word_embeddings, "the state dict")
     if problems:
         raise CheckpointError("state dict does not match the config:\n  " + "\n  ".join(problems))
     for name in expected:
@@ -244,18 +242,16 @@ def with_overrides(config: GPTJConfig, overrides: dict) -> GPTJConfig:
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
 
-def _shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:
-    handle = reader._handle(reader.names[name])
-    if isinstance(handle, dict):
-        return tuple(handle[name].shape)
-    return tuple(handle.get_slice(name).get_shape())
-
-
-def check_names(expected: dict, present: set[str], tied: bool) -> list[str]:
-    missing = sorted(set(expected) - present - ({"lm_head.weight"} if tied else set()))
-    unexpected = sorted(present - set(expected))
+def mismatches(expected: dict, shapes: dict[str, tuple[int, ...]], tied: bool, source: str) -> list[str]:
+    """Every way the tensors present (name -> shape) differ from the model's parameters, one line each."""
+    missing = sorted(set(expected) - set(shapes) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(set(shapes) - set(expected))
     problems = [f"missing tensor {n}" for n in missing]
     problems += [f"unexpected tensor {n} (not part of a GPT-J with this config)" for n in unexpected]
+    problems += [
+        f"{n}: shape {shapes[n]} in {source}, {tuple(expected[n].shape)} expected from the config"
+        for n in sorted(set(shapes) & set(expected)) if shapes[n] != tuple(expected[n].shape)
+    ]
     return problems
 
 

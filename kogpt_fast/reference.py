@@ -107,6 +107,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return torch.matmul(probs, v)
 
 
+def _rope_and_cache(q, k, v, meta: StepMetadata, k_cache, v_cache, rope, rotary_dim):
+    """RoPE on the new q and k at meta.positions; the rotated k and v stored at meta.slot_mapping. -> (q, k)."""
+    q = apply_rope(q, meta.positions, rope, rotary_dim)
+    k = apply_rope(k, meta.positions, rope, rotary_dim)
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return q, k
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -121,9 +129,7 @@ def prefill_attention(
 
     q, k, v [N, H, D] before RoPE; meta.cu_seqlens [B+1] bounds each sequence in N; returns [N, H, D].
     """
-    q = apply_rope(q, meta.positions, rope, rotary_dim)
-    k = apply_rope(k, meta.positions, rope, rotary_dim)
-    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    q, k = _rope_and_cache(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
     out = torch.empty_like(v)
     bounds = meta.cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -151,9 +157,7 @@ def decode_attention(
     q, k, v [B, H, D] before RoPE; the new k, v are written first, so meta.seq_lens [B] counts them.
     meta.block_tables [B, max_blocks] int32 lists each sequence's blocks in order; returns [B, H, D].
     """
-    q = apply_rope(q, meta.positions, rope, rotary_dim)
-    k = apply_rope(k, meta.positions, rope, rotary_dim)
-    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    q, _ = _rope_and_cache(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
     batch, max_blocks = meta.block_tables.shape
     block_size = k_cache.shape[1]
     tables = meta.block_tables.long()
