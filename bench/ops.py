@@ -5,6 +5,9 @@ Ops are looked up by the names of kogpt_fast/reference.py on each backend's ops 
                        the same shape), fc_in (+bias +GELU, d -> d_ff), fc_out (+bias, d_ff -> d),
                        lm_head (+bias, d -> vocab). Baseline: cuBLAS through F.linear, plus a separate F.gelu
                        for fc_in.
+  linear_split_gelu,   GPT-J's fused GEMMs (the fast path's two GEMMs a layer): fused_in (q | k | v | gelu(fc_in),
+  linear_concat_residual  d -> 3d + d_ff) and fused_out ([a | gelu(fc_in)] read in place -> d, + residual).
+                       Baseline: cuBLAS over the same weights, the GELU / concatenation / residual add as torch ops.
   prefill_attention    causal attention over one T-token sequence, with RoPE and the paged KV-cache write.
                        Baseline: SDPA (flash), which does the attention only.
   decode_attention     one new token per sequence over a paged cache of `context` tokens, RoPE and cache write
@@ -139,6 +142,70 @@ def projection_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Ca
                 bytes=nbytes, flops=2 * m * n * k, set_bytes=nbytes, op_call=op_call,
                 baseline_name=f"{library}+gelu" if gelu else library, baseline_call=baseline_call,
             ))
+    return cases
+
+
+def fused_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
+    """GPT-J's two fused GEMMs as the model runs them on the fast path: q | k | v | gelu(fc_in) from one GEMM over
+    ln_1(x) (linear_split_gelu), and out_proj + fc_out from one over [a | gelu(fc_in)] read in place, into the
+    residual (linear_concat_residual). Baselines: cuBLAS on the same fused weights, with what it cannot fuse (the
+    GELU of the fc_in columns; the concatenation and the residual add) as separate torch ops."""
+    d, ff = c.n_embd, c.n_inner
+    elt = torch.tensor([], dtype=dtype).element_size()
+    library = "cublas" if torch.device(device).type == "cuda" else "F.linear"
+    cases = []
+    for m in tokens:
+        def in_inputs(i, m=m):
+            r = _Random(device, dtype, f"fused_in/{m}/{i}")
+            x = r.randn(m, d)
+            w = r.randn(3 * d + ff, d, scale=d**-0.5)
+            b = torch.cat([torch.zeros(3 * d, device=device, dtype=dtype), r.randn(ff, scale=0.1)])
+            return x, w, b
+
+        def in_op(ops, i, in_inputs=in_inputs):
+            x, w, b = in_inputs(i)
+            return lambda: ops.linear_split_gelu(x, w, b, 3 * d, c.activation_function)
+
+        def in_baseline(i, in_inputs=in_inputs):
+            x, w, b = in_inputs(i)
+
+            def call():
+                y = F.linear(x, w, b)
+                y[:, 3 * d:] = F.gelu(y[:, 3 * d:], approximate="tanh")
+                return y
+            return call
+
+        n_in = 3 * d + ff
+        nbytes = (m * d + n_in * d + n_in + m * n_in) * elt
+        cases.append(Case(
+            op="linear_split_gelu", name="fused_in", params={"M": m, "K": d, "N": n_in}, bytes=nbytes,
+            flops=2 * m * n_in * d, set_bytes=nbytes, op_call=in_op, baseline_name=f"{library}+gelu",
+            baseline_call=in_baseline,
+        ))
+
+        def out_inputs(i, m=m):
+            r = _Random(device, dtype, f"fused_out/{m}/{i}")
+            a = r.randn(m, d)
+            y = r.randn(m, 3 * d + ff)  # the first fused GEMM's output: x2 is its fc_in columns, read in place
+            w = r.randn(d, d + ff, scale=(d + ff) ** -0.5)
+            b = r.randn(d, scale=0.1)
+            residual = r.randn(m, d)
+            return a, y[:, 3 * d:], w, b, residual
+
+        def out_op(ops, i, out_inputs=out_inputs):
+            a, m_cols, w, b, residual = out_inputs(i)
+            return lambda: ops.linear_concat_residual(a, m_cols, w, b, residual)
+
+        def out_baseline(i, out_inputs=out_inputs):
+            a, m_cols, w, b, residual = out_inputs(i)
+            return lambda: F.linear(torch.cat([a, m_cols], dim=1), w, b) + residual
+
+        nbytes = (m * (d + ff) + d * (d + ff) + d + 2 * m * d) * elt
+        cases.append(Case(
+            op="linear_concat_residual", name="fused_out", params={"M": m, "K": d + ff, "N": d}, bytes=nbytes,
+            flops=2 * m * d * (d + ff), set_bytes=nbytes, op_call=out_op, baseline_name=f"cat+{library}+add",
+            baseline_call=out_baseline,
+        ))
     return cases
 
 
@@ -279,7 +346,7 @@ def layer_norm_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Ca
 
 
 # The order of the tables and plots.
-NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "prefill", "decode", "kv_write", "layer_norm")
+NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "fused_in", "fused_out", "prefill", "decode", "kv_write", "layer_norm")
 
 
 def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
@@ -288,9 +355,11 @@ def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
     first, rest = shapes.tokens[:1], shapes.tokens[1:]
     return (
         projection_cases(c, first, device, dtype)
+        + fused_cases(c, first, device, dtype)
         + decode_cases(c, shapes.decode_context, shapes.decode_batch, device, dtype)
         + prefill_cases(c, shapes.prefill, device, dtype)
         + projection_cases(c, rest, device, dtype)
+        + fused_cases(c, rest, device, dtype)
         + kv_write_cases(c, shapes.kv_write, device, dtype)
         + layer_norm_cases(c, shapes.layer_norm, device, dtype)
     )

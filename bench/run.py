@@ -42,7 +42,8 @@ baselines: cuBLAS (F.linear, + a separate GELU for fc_in), SDPA (flash) and inde
 per op: the median time of cold-input runs (CUDA events; perf_counter on the CPU), TB/s, TFLOP/s, and the
   fraction of the copy bandwidth, of the matmul peak and of the roofline, all measured in the same run.
 end to end: time to first token (batch 1, prompt 128 and 2047), decode ms/token (batch 1, prompt 32, 128 new
-  tokens), tokens/s (batch 16 and 64, prompt 128, 64 new); --quick runs fewer. See bench/README.md.
+  tokens, also with --quick), tokens/s (batch 16 and 64, prompt 128, 64 new); --quick runs fewer. See
+  bench/README.md.
 """
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

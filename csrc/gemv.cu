@@ -1,4 +1,6 @@
 // Decode GEMV / skinny GEMM: out[M, N] = act(x[M, K] @ weight[N, K]^T + bias) + residual, M = 1..16.
+// x may come in two pieces read in place, x = [x1 | x2] (columns 0..K1-1 and K1..K-1), so that GPT-J's
+// [attention | gelu(fc_in)] needs no concatenation before out_proj + fc_out.
 // The activation applies to the columns n >= gelu_start only (kogpt_gemv: gelu_start = 0, every column), so GPT-J's
 // q | k | v | gelu(fc_in) come from one GEMV over the concatenated weights (gelu_start = 3 * n_embd), and
 // out_proj + fc_out from one over K = n_embd + n_inner with the residual epilogue.
@@ -19,7 +21,9 @@ constexpr int kWarps = 8;
 
 struct GemvParams {
     int M, N, K;
-    const void* x; int64_t x_stride;
+    int K1;  // columns of x1; x2 holds columns K1..K-1
+    const void* x1; int64_t x1_stride;
+    const void* x2; int64_t x2_stride;
     const void* weight; int64_t weight_stride;
     const void* bias;
     const void* residual; int64_t residual_stride;
@@ -42,7 +46,8 @@ template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps
     const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
     if (row0 >= p.N) return;
     const T* weight = static_cast<const T*>(p.weight);
-    const T* x = static_cast<const T*>(p.x);
+    const T* x1 = static_cast<const T*>(p.x1);
+    const T* x2 = static_cast<const T*>(p.x2);
 
     float acc[kM][kRows] = {};
     for (int k0 = lane * kVec; k0 < p.K; k0 += 32 * kVec * kUnroll) {
@@ -64,11 +69,15 @@ template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps
         for (int u = 0; u < kUnroll; ++u) {
             const int k = k0 + u * 32 * kVec;
             if (k >= p.K) break;
+            // A vector never straddles K1 (the host takes the scalar path unless K1 % kVec == 0).
+            const bool first = k < p.K1;
+            const T* xk = first ? x1 + k : x2 + (k - p.K1);
+            const int64_t x_stride = first ? p.x1_stride : p.x2_stride;
 #pragma unroll
             for (int m = 0; m < kM; ++m) {
                 if (m >= p.M) break;
                 float xv[kVec];
-                load_floats<T, kVec>(x + (int64_t)m * p.x_stride + k, xv);
+                load_floats<T, kVec>(xk + (int64_t)m * x_stride, xv);
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -108,30 +117,38 @@ template <typename T, int kM, int kVec> int launch(const GemvParams& p, cudaStre
 }  // namespace
 }  // namespace kogpt
 
-extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
-                                     const void* x, int64_t x_stride,
-                                     const void* weight, int64_t weight_stride,
-                                     const void* bias,
-                                     const void* residual, int64_t residual_stride,
-                                     void* out, int64_t out_stride,
-                                     int activation, int gelu_start, cudaStream_t stream) {
+extern "C" int kogpt_gemv_concat(int dtype, int M, int N, int K1, int K2,
+                                 const void* x1, int64_t x1_stride,
+                                 const void* x2, int64_t x2_stride,
+                                 const void* weight, int64_t weight_stride,
+                                 const void* bias,
+                                 const void* residual, int64_t residual_stride,
+                                 void* out, int64_t out_stride,
+                                 int activation, int gelu_start, cudaStream_t stream) {
     using namespace kogpt;
     const char* op = "kogpt_gemv";
-    if (M < 1 || M > 16 || N < 1 || K < 1) {
-        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: M=%d N=%d K=%d (M must be in [1, 16])", op, M, N, K);
+    if (M < 1 || M > 16 || N < 1 || K1 < 0 || K2 < 0 || K1 + K2 < 1 || K1 > INT32_MAX - K2) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: M=%d N=%d K1=%d K2=%d (M must be in [1, 16], K1 + K2 >= 1)", op,
+                    M, N, K1, K2);
     }
-    if (!x || !weight || !out) return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: x, weight and out must not be NULL", op);
+    if ((K1 > 0 && !x1) || (K2 > 0 && !x2) || !weight || !out) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: x1 (with K1 > 0), x2 (with K2 > 0), weight and out must not be NULL",
+                    op);
+    }
     if (activation != KOGPT_ACT_NONE && activation != KOGPT_ACT_GELU_TANH) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown activation code %d", op, activation);
     }
     if (gelu_start < 0 || gelu_start > N) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: gelu_start=%d must be in [0, N=%d]", op, gelu_start, N);
     }
-    const GemvParams p{M, N, K, x, x_stride, weight, weight_stride, bias, residual, residual_stride,
-                       out, out_stride, activation, gelu_start};
+    const GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
+                       residual_stride, out, out_stride, activation, gelu_start};
     const size_t elem = dtype_size(dtype);
     const int vec = 16 / (int)elem;
-    const bool vector_ok = K % vec == 0 && aligned(x, 16) && aligned(weight, 16) && (x_stride * elem) % 16 == 0 &&
+    auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // 16-byte vectors of x's rows
+        return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (stride * elem) % 16 == 0);
+    };
+    const bool vector_ok = rows_ok(x1, x1_stride, K1) && rows_ok(x2, x2_stride, K2) && aligned(weight, 16) &&
                            (weight_stride * elem) % 16 == 0;
     return dispatch_dtype(dtype, op, [&](auto zero) {
         using T = decltype(zero);
@@ -143,6 +160,20 @@ extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
         if (M <= 8) return launch<T, 8, kVec>(p, stream);
         return launch<T, 16, kVec>(p, stream);
     });
+}
+
+extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
+                                     const void* x, int64_t x_stride,
+                                     const void* weight, int64_t weight_stride,
+                                     const void* bias,
+                                     const void* residual, int64_t residual_stride,
+                                     void* out, int64_t out_stride,
+                                     int activation, int gelu_start, cudaStream_t stream) {
+    if (K < 1) {  // kogpt_gemv_concat would name K1 and K2
+        return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT, "kogpt_gemv: M=%d N=%d K=%d (M must be in [1, 16])", M, N, K);
+    }
+    return kogpt_gemv_concat(dtype, M, N, K, 0, x, x_stride, nullptr, 0, weight, weight_stride, bias, residual,
+                             residual_stride, out, out_stride, activation, gelu_start, stream);
 }
 
 extern "C" int kogpt_gemv(int dtype, int M, int N, int K,

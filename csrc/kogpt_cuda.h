@@ -20,8 +20,9 @@
 extern "C" {
 #endif
 
-/* 2: kogpt_gemv_split_gelu (the GEMV with the activation from a column on) added; kogpt_gemv unchanged. */
-#define KOGPT_ABI_VERSION 2
+/* 2: kogpt_gemv_split_gelu (the GEMV with the activation from a column on) added; kogpt_gemv unchanged.
+ * 3: kogpt_gemv_concat (x in two pieces) added; the others unchanged. */
+#define KOGPT_ABI_VERSION 3
 
 enum kogpt_status {
     KOGPT_OK = 0,
@@ -106,6 +107,18 @@ int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,
                           const void* residual, int64_t residual_stride,
                           void* out, int64_t out_stride,
                           int activation, int gelu_start, cudaStream_t stream);
+/* The same over x = [x1 | x2]: x1 [M, K1] and x2 [M, K2] (row strides x1_stride, x2_stride) are read in place as
+ * the columns 0..K1-1 and K1..K1+K2-1 of x, K = K1 + K2 >= 1 (either piece may be empty, its pointer then NULL):
+ * GPT-J's out_proj + fc_out over [attention | gelu(fc_in)] with no concatenation. 16-byte vector loads need K1 and
+ * K2 multiples of 16 bytes' worth of elements and aligned rows; other inputs take a slower scalar path. */
+int kogpt_gemv_concat(int dtype, int M, int N, int K1, int K2,
+                      const void* x1, int64_t x1_stride,
+                      const void* x2, int64_t x2_stride,
+                      const void* weight, int64_t weight_stride,
+                      const void* bias,
+                      const void* residual, int64_t residual_stride,
+                      void* out, int64_t out_stride,
+                      int activation, int gelu_start, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,9 @@
-"""GEMM with fp32 accumulation and a fused epilogue: out = act(x @ weight^T + bias) + residual.
+"""GEMM with fp32 accumulation and a fused epilogue: out = act([x | x2] @ weight^T + bias) + residual.
 
-    x        [M, K]   activations, rows contiguous in K (leading dims are flattened into M)
+    x        [M, K]   activations, contiguous (leading dims are flattened into M), or 2-D with contiguous rows at
+                      any row stride (a column slice of a wider buffer)
+    x2       [M, K2]  optional: x [M, K1] and x2 [M, K2] together are the GEMM's input [x | x2] (K = K1 + K2), each
+                      read in place, so that GPT-J's [attention | gelu(fc_in)] needs no concatenation
     weight   [N, K]   torch Linear layout (out_features, in_features), contiguous
     bias     [N]      optional
     residual [M, N]   optional, added after the activation (GPT-J: out_proj / fc_out into the residual stream)
@@ -10,7 +13,7 @@ The activation applies to output columns >= gelu_start only (a runtime argument,
 GPT-J's fused input projection uses it: weight = [Wq; Wk; Wv; W_in] gives q | k | v | gelu(fc_in) in one GEMM with
 gelu_start = 3 * n_embd. Its fused output projection is the residual epilogue over K = n_embd + n_inner.
 
-Constexprs: HAS_BIAS / HAS_RESIDUAL (which epilogue inputs exist), GELU (tanh-approximated GELU, gelu_new, on the
+Constexprs: HAS_X2 / HAS_BIAS / HAS_RESIDUAL (which inputs exist), GELU (tanh-approximated GELU, gelu_new, on the
 columns from gelu_start on; GELU=False means no column),
 DOT_PRECISION ("ieee" for fp32 inputs: exact fp32 products for the tests; TF32 would round them),
 BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M (tiling; GROUP_M groups row tiles so neighbouring programs share weights in L2).
@@ -24,6 +27,7 @@ config="gemv" (or a GemvConfig) forces the GEMV there so that the tests run it, 
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import NamedTuple
 
@@ -100,10 +104,28 @@ def gelu_tanh(y):
 
 
 @triton.jit
+def _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, k_len, w_col0,
+                  DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[rm, :k_len] @ weight[rn, w_col0:w_col0 + k_len]^T (x's rows stride_x apart, weight's K apart)."""
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + w_col0 + rk[:, None]  # [BLOCK_K, BLOCK_N]: weight^T
+    for k0 in range(0, k_len, BLOCK_K):
+        in_k = rk + k0 < k_len
+        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=in_k[:, None] & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
-    M, N, K, gelu_start,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
+    M, N, K, K1, stride_x, stride_x2, gelu_start,
+    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Program id -> (row tile, column tile), GROUP_M row tiles at a time.
@@ -118,17 +140,11 @@ def _gemm_kernel(
 
     rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]: weight^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        in_k = rk + k0 < K
-        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=in_k[:, None] & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    # x's columns 0..K1-1, then (HAS_X2) x2's as the weight's columns K1..K-1: [x | x2] is never materialised.
+    acc = _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, K1, 0, DOT_PRECISION, BLOCK_K)
+    if HAS_X2:
+        acc = _gemm_k_range(acc, x2_ptr, stride_x2, w_ptr, rm, rn, M, N, K, K - K1, K1, DOT_PRECISION, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -142,32 +158,42 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
-    N, K, gelu_start,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[:ROWS, cols] for the BLOCK_N columns of this program: ROWS = M (1..16, unrolled), BLOCK_M its power of 2.
-    The weight tile [BLOCK_N, BLOCK_K] is read once per K step (the traffic that matters) and serves every row of x;
-    products and sums in fp32, one rounding at the store."""
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < ROWS (x's rows stride_x apart)."""
     rk = tl.arange(0, BLOCK_K)
-    rm = tl.arange(0, BLOCK_M)
-    in_n = rn < N
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        in_k = rk + k0 < K
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + w_col0 + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    for k0 in range(0, k_len, BLOCK_K):
+        in_k = rk + k0 < k_len
         # Streamed once: evict first, so that x (re-read by every program) stays cached.
         w = tl.load(w_ptrs, mask=in_n[:, None] & in_k[None, :], other=0.0, eviction_policy="evict_first")
         w = w.to(tl.float32)
         for m in tl.static_range(ROWS):
-            xm = tl.load(x_ptr + m * K + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
+            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
             part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]
             acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
         w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
+    N, K, K1, stride_x, stride_x2, gelu_start,
+    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[:ROWS, cols] for the BLOCK_N columns of this program: ROWS = M (1..16, unrolled), BLOCK_M its power of 2.
+    The weight tile [BLOCK_N, BLOCK_K] is read once per K step (the traffic that matters) and serves every row of x;
+    products and sums in fp32, one rounding at the store. With HAS_X2, x2 supplies the weight's columns K1..K-1."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    in_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, K1, 0, ROWS, BLOCK_K)
+    if HAS_X2:
+        acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, K, K - K1, K1, ROWS, BLOCK_K)
 
     # The tiled kernel's epilogue, on the [BLOCK_M, BLOCK_N] tile.
     if HAS_BIAS:
@@ -197,6 +223,19 @@ def check_column_start(name: str, start, n: int) -> int:
     return value
 
 
+def _rows(name: str, t: torch.Tensor, k: int) -> tuple[int, int]:
+    """(rows, row stride) of t seen as [rows, k]: any contiguous tensor ending in k, or a 2-D one with unit column
+    stride and any row stride (e.g. a column slice of a wider activation)."""
+    if t.dim() == 0 or t.shape[-1] != k:
+        raise ValueError(f"{name} {tuple(t.shape)} must end in {k}")
+    if t.is_contiguous():
+        return math.prod(t.shape[:-1]), k
+    if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1):
+        return t.shape[0], t.stride(0)
+    raise ValueError(f"{name} must be contiguous, or 2-D with contiguous rows (shape {tuple(t.shape)}, "
+                     f"strides {t.stride()})")
+
+
 def gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -205,24 +244,38 @@ def gemm(
     activation: str | None = None,
     config: GemmConfig | GemvConfig | str | None = None,
     gelu_start: int = 0,
+    x2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(x @ weight^T + bias) + residual, shapes in the module docstring.
+    """act([x | x2] @ weight^T + bias) + residual, shapes in the module docstring.
 
+    x: contiguous, or 2-D with contiguous rows at any row stride. x2 (optional, the same rules and leading shape
+    as x) continues x along K: x [.., K1] and x2 [.., K - K1] are read in place, never concatenated.
     config: None picks the kernel (use_gemv) and its tiles by shape; "gemv" / "gemm" force the GEMV (M <= 16 only)
     / the tiled kernel with tiles picked by shape; a GemvConfig / GemmConfig forces that kernel with those tiles.
     The activation applies to the output columns gelu_start..N-1 only (0 <= gelu_start <= N; N: none).
     """
-    check_tensor("x", x)
+    check_tensor("x", x, contiguous=False)
     check_tensor("weight", weight, dim=2, device=x.device)
     n, k = weight.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x {tuple(x.shape)} must end in weight's in_features {k} (weight {tuple(weight.shape)})")
+    if x.dim() == 0:
+        raise ValueError(f"x must have at least 1 dim, got a 0-dim tensor (weight {tuple(weight.shape)})")
+    k1 = x.shape[-1]
+    if x2 is None:
+        if k1 != k:
+            raise ValueError(f"x {tuple(x.shape)} must end in weight's in_features {k} (weight {tuple(weight.shape)})")
+    else:
+        check_tensor("x2", x2, device=x.device, contiguous=False)
+        if x2.shape[:-1] != x.shape[:-1] or x2.dim() == 0 or k1 + x2.shape[-1] != k:
+            raise ValueError(f"x {tuple(x.shape)} and x2 {tuple(x2.shape)} must share their leading dims and their "
+                             f"last dims must add up to weight's in_features {k} (weight {tuple(weight.shape)})")
+    m, stride_x = _rows("x", x, k1)
+    stride_x2 = _rows("x2", x2, x2.shape[-1])[1] if x2 is not None else 0
     if bias is not None:
         check_tensor("bias", bias, shape=(n,), device=x.device)
     out_shape = (*x.shape[:-1], n)
     if residual is not None:
         check_tensor("residual", residual, shape=out_shape, device=x.device)
-    check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
+    check_same_dtype(x=x, x2=x2, weight=weight, bias=bias, residual=residual)
     check_interpretable(x.dtype, x.device)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -231,30 +284,31 @@ def gemm(
     gelu_start = check_column_start("gelu_start", gelu_start, n)
     if not (config is None or config in ("gemv", "gemm") or isinstance(config, (GemmConfig, GemvConfig))):
         raise ValueError(f'config must be None, "gemv", "gemm", a GemvConfig or a GemmConfig, got {config!r}')
-    m = x.numel() // k
     gemv = config == "gemv" or isinstance(config, GemvConfig) or (config is None and use_gemv(m, x.device))
     if gemv and m > GEMV_MAX_M:
         raise ValueError(f"the GEMV handles at most {GEMV_MAX_M} rows of x, got {m}")
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    epilogue = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
-                    HAS_RESIDUAL=residual is not None)
+    has_x2 = x2 is not None and k1 < k
+    args = dict(
+        x_ptr=x, x2_ptr=x2 if has_x2 else x, w_ptr=weight, bias_ptr=bias if bias is not None else x,
+        residual_ptr=residual if residual is not None else x, out_ptr=out,
+        K=k, K1=k1 if has_x2 else k, stride_x=stride_x, stride_x2=stride_x2 if has_x2 else 0, gelu_start=gelu_start,
+        HAS_X2=has_x2, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
+        HAS_RESIDUAL=residual is not None,
+    )
     if gemv:
         gcfg = config if isinstance(config, GemvConfig) else pick_gemv_config(m, n, k, x.dtype)
         _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
-            x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
-            n, k, gelu_start, **epilogue,
-            ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+            N=n, **args, ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
             num_warps=gcfg.num_warps,
         )
         return out
     cfg = config if isinstance(config, GemmConfig) else pick_config(m, n, k, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
-        m, n, k, gelu_start, **epilogue,
-        DOT_PRECISION=dot_precision(x.dtype),
+        M=m, N=n, **args, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

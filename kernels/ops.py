@@ -1,6 +1,7 @@
 """The triton backend: the reference's ops (kogpt_fast.reference), same names, signatures and semantics.
 
-GPT-J's fusions are the GEMM's epilogues: linear_split_gelu (GELU from a column on) and linear_residual.
+GPT-J's fusions are the GEMM's epilogues: linear_split_gelu (GELU from a column on) and linear_residual /
+linear_concat_residual (the residual added; the latter reads its input from two tensors).
 The model calls these through kogpt_fast.backends.get_ops("triton", device). rope_table is the reference's (it
 is computed once per model, on the host side of the work).
 """
@@ -51,3 +52,13 @@ def linear_residual(
     if residual.dtype != x.dtype or residual.shape != (*x.shape[:-1], weight.shape[0]):
         return gemm(x, weight, bias) + residual  # the reference's promotion / broadcasting: not fused
     return gemm(x, weight, bias, residual=residual.contiguous())
+
+
+def linear_concat_residual(
+    x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """linear_residual over [x1 | x2] with both read in place (x1 [N, K1], x2 [N, K2], each contiguous or 2-D with
+    contiguous rows): GPT-J's out_proj + fc_out over [attention | gelu(fc_in)] without the concatenation."""
+    if residual.dtype != x1.dtype or residual.shape != (*x1.shape[:-1], weight.shape[0]):
+        return gemm(x1, weight, bias, x2=x2) + residual  # the reference's promotion / broadcasting: not fused
+    return gemm(x1, weight, bias, residual=residual.contiguous(), x2=x2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu)
+ABI_VERSION = 3  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu, 3: kogpt_gemv_concat)
 
 # kogpt_status codes
 OK, ERR_CUDA, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ERR_WORKSPACE = 0, 1, 2, 3, 4
@@ -54,6 +54,8 @@ _SIGNATURES = {  # name: (restype, argtypes), as declared in csrc/kogpt_cuda.h
                                     _p, _i64, _i64, _p, _sz, _p]),
     "kogpt_gemv": (_i, [_i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _p]),
     "kogpt_gemv_split_gelu": (_i, [_i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _i, _p]),
+    "kogpt_gemv_concat": (_i, [_i, _i, _i, _i, _i, _p, _i64, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _i,
+                               _p]),
 }
 EXPORTED_SYMBOLS = tuple(_SIGNATURES)
 
@@ -285,19 +287,26 @@ GEMV_MAX_M = 16
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, activation: str = "none",
-         out: torch.Tensor | None = None, gelu_start: int = 0) -> torch.Tensor:
-    """out [M, N] = act(x [M, K] @ weight [N, K]^T + bias [N]) + residual [M, N], for M = 1..16.
+         out: torch.Tensor | None = None, gelu_start: int = 0, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = act([x | x2] [M, K] @ weight [N, K]^T + bias [N]) + residual [M, N], for M = 1..16.
 
+    x [M, K1] and the optional x2 [M, K - K1] are read in place (each 2-D with contiguous rows, any row stride).
     activation: "none" or "gelu_tanh" (HF's gelu_new), applied to the columns n >= gelu_start only (0: all, N: none).
     fp32 accumulation; one rounding to the dtype at the end.
     """
     dtype = _dtype_code("x", x)
     device = x.device
     _check_tensor("x", x, device, x.dtype, 2)
-    m, k = x.shape
+    m, k1 = x.shape
     _require(1 <= m <= GEMV_MAX_M, f"x has {m} rows; the GEMV kernel takes 1 to {GEMV_MAX_M}")
+    k2 = 0
+    if x2 is not None:
+        _check_tensor("x2", x2, device, x.dtype, 2)
+        _require(x2.shape[0] == m, f"x2 has {x2.shape[0]} rows, x {m}")
+        k2 = x2.shape[1]
     _check_tensor("weight", weight, device, x.dtype, 2)
-    _require(weight.shape[1] == k, f"weight has shape {tuple(weight.shape)}, expected [N, {k}]")
+    _require(weight.shape[1] == k1 + k2 and k1 + k2 >= 1,
+             f"weight has shape {tuple(weight.shape)}, expected [N, {k1 + k2}] (x's {k1} columns + x2's {k2})")
     n = weight.shape[0]
     if bias is not None:
         _check_tensor("bias", bias, device, x.dtype, 1, contiguous=True)
@@ -317,8 +326,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _check_tensor("out", out, device, x.dtype, 2)
     _require(out.shape == (m, n), f"out has shape {tuple(out.shape)}, expected ({m}, {n})")
     with torch.cuda.device(device):
-        rc = _library().kogpt_gemv_split_gelu(
-            dtype, m, n, k, _ptr(x), x.stride(0), _ptr(weight), weight.stride(0), _ptr(bias),
+        rc = _library().kogpt_gemv_concat(
+            dtype, m, n, k1, k2, _ptr(x) if k1 else None, x.stride(0),
+            _ptr(x2) if k2 else None, x2.stride(0) if k2 else 0, _ptr(weight), weight.stride(0), _ptr(bias),
             _ptr(residual), residual.stride(0) if residual is not None else 0, _ptr(out), out.stride(0),
             ACTIVATIONS[activation], gelu_start, _stream(device),
         )

@@ -2,9 +2,9 @@
 
 An op runs a kernel of the CUDA library (kogpt_fast.cuda_lib) when one covers its inputs, and otherwise the
 fallback ops module, chosen in one place: `fallback_ops()`. Covered today:
-- linear, linear_gelu, and GPT-J's fused GEMMs linear_split_gelu (GELU from a column on) and linear_residual
-  (the residual added in the epilogue): the decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill)
-  falls back;
+- linear, linear_gelu, and GPT-J's fused GEMMs linear_split_gelu (GELU from a column on), linear_residual
+  (the residual added in the epilogue) and linear_concat_residual (the same over two inputs read in place): the
+  decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill) falls back;
 - decode_attention: RoPE, cache write and flash-decoding in the library (csrc/decode_attention.cu);
 - write_kv_cache: csrc/kv_cache_write.cu.
 layer_norm, prefill_attention, apply_rope and the GELUs always fall back. With logging at DEBUG level for
@@ -100,20 +100,41 @@ def linear_split_gelu(
     return fallback_ops(x.device).linear_split_gelu(x, weight, bias, gelu_start, activation)
 
 
+def _residual_reason(x: torch.Tensor, n: int, residual: torch.Tensor) -> str | None:
+    """None when the GEMV's residual epilogue takes this residual for output [x.shape[0], n], else why not."""
+    if (residual.dtype == x.dtype and residual.device == x.device and residual.dim() == 2
+            and residual.shape == (x.shape[0], n) and residual.stride(-1) == 1):
+        return None
+    return f"residual {tuple(residual.shape)} {residual.dtype}: not [N, M] in x's dtype, rows contiguous"
+
+
 def linear_residual(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
     """x @ weight^T + bias + residual [N, M], the residual added in the GEMV's epilogue and rounded once with the
     rest (GPT-J's out_proj and fc_out as one GEMV over K = d + d_ff)."""
-    why = _gemv_reason(x, weight, bias)
-    if why is None and not (residual.dtype == x.dtype and residual.device == x.device and residual.dim() == 2
-                            and residual.shape == (x.shape[0], weight.shape[0]) and residual.stride(-1) == 1):
-        why = f"residual {tuple(residual.shape)} {residual.dtype}: not [N, M] in x's dtype, rows contiguous"
+    why = _gemv_reason(x, weight, bias) or _residual_reason(x, weight.shape[0], residual)
     if why is None:
         _ran("linear_residual", "cuda gemv")
         return cuda_lib.gemv(x, weight, bias, residual=residual)
     _ran("linear_residual", "fallback", why)
     return fallback_ops(x.device).linear_residual(x, weight, bias, residual)
+
+
+def linear_concat_residual(
+    x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """linear_residual over [x1 | x2], both read in place by the GEMV (GPT-J's out_proj + fc_out over
+    [attention | gelu(fc_in)], x2 a column slice of the first fused GEMM's output): no concatenation."""
+    why = _gemv_reason(x1, weight, bias) or _residual_reason(x1, weight.shape[0], residual)
+    if why is None and not (_kernel_dtype(x1, x2) and x2.dim() == 2 and x2.shape[0] == x1.shape[0]
+                            and x2.stride(-1) == 1 and x1.shape[1] + x2.shape[1] == weight.shape[1]):
+        why = f"x2 {tuple(x2.shape)} {x2.dtype}: not [N, K - K1] with contiguous rows in x1's dtype and device"
+    if why is None:
+        _ran("linear_concat_residual", "cuda gemv")
+        return cuda_lib.gemv(x1, weight, bias, residual=residual, x2=x2)
+    _ran("linear_concat_residual", "fallback", why)
+    return fallback_ops(x1.device).linear_concat_residual(x1, x2, weight, bias, residual)
 
 
 def write_kv_cache(

@@ -232,7 +232,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                 y = ops.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
                 q, k, v = (y[:, i * d:(i + 1) * d].view(shape) for i in range(3))  # views: token stride 3d + d_ff
                 a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)
-                x = ops.linear_residual(torch.cat([a.reshape(-1, d), y[:, 3 * d:]], dim=1), w_out, b_out, x)
+                x = ops.linear_concat_residual(a.reshape(-1, d), y[:, 3 * d:], w_out, b_out, x)  # [a | m] in place
                 continue
             q = ops.linear(h, block.attn.q_proj.weight).view(shape)  # [N, H, D]
             k = ops.linear(h, block.attn.k_proj.weight).view(shape)

@@ -65,6 +65,15 @@ def linear_residual(
     return linear(x, weight, bias) + residual
 
 
+def linear_concat_residual(
+    x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """linear_residual over [x1 | x2] (x1 [N, K1], x2 [N, K2], weight [M, K1 + K2]). The kernel backends read the
+    two inputs in place (GPT-J: the attention output and the fc_in columns of the first fused GEMM's output), so
+    the concatenation is never materialised; here it is, which makes the result the same as linear_residual's."""
+    return linear_residual(torch.cat([x1, x2], dim=-1), weight, bias, residual)
+
+
 def rope_table(n_positions: int, rotary_dim: int, device=None) -> torch.Tensor:
     """[n_positions, rotary_dim] fp32: sin of each position's angles in the first half, cos in the second.
 

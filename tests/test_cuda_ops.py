@@ -67,13 +67,18 @@ def test_cpu_tensors_fall_back_to_the_reference():
     for bias in (b, None):
         torch.testing.assert_close(cuda_ops.linear_residual(x, w, bias, r), reference.linear_residual(x, w, bias, r),
                                    rtol=0, atol=0)
+    x2 = torch.randn(3, 50)[:, 5:25]
+    w2 = torch.randn(24, 60)
+    torch.testing.assert_close(cuda_ops.linear_concat_residual(x, x2, w2, b, r),
+                               reference.linear_concat_residual(x, x2, w2, b, r), rtol=0, atol=0)
     with pytest.raises(ValueError, match="activation"):
         cuda_ops.linear_split_gelu(x, w, b, 7, "relu")
     assert cuda_ops.rope_table is reference.rope_table
 
 
 def test_ops_module_has_every_reference_op():
-    ops = ("layer_norm", "linear", "linear_gelu", "linear_split_gelu", "linear_residual", "gelu_new",
+    ops = ("layer_norm", "linear", "linear_gelu", "linear_split_gelu", "linear_residual", "linear_concat_residual",
+           "gelu_new",
            "gelu_pytorch_tanh", "rope_table", "apply_rope", "write_kv_cache", "prefill_attention", "decode_attention")
     assert all(callable(getattr(cuda_ops, n)) for n in ops)
 
@@ -102,6 +107,10 @@ def test_library_refuses_bad_gemv_arguments_on_the_host():
         assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"gelu_start" in lib.kogpt_last_error()
     rc = lib.kogpt_gemv_split_gelu(1, 17, 8, 64, 16, 64, 16, 64, None, None, 0, 16, 8, 1, 0, None)
     assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"M=17" in lib.kogpt_last_error()
+    # kogpt_gemv_concat(dtype, M, N, K1, K2, x1, x1_stride, x2, x2_stride, weight, ...): sizes and pointers.
+    for k1, k2, x2, message in ((-1, 64, 16, b"K1=-1"), (0, 0, 16, b"K1=0 K2=0"), (32, 32, None, b"x2 (with K2 > 0)")):
+        rc = lib.kogpt_gemv_concat(1, 1, 8, k1, k2, 16, 64, x2, 64, 16, 64, None, None, 0, 16, 8, 0, 0, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
 
 
 # ---- GPU: KV cache write ----
@@ -392,6 +401,48 @@ def test_linear_split_gelu(impl, dtype, m, n, k, gelu_start):
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
 def test_linear_residual(impl, dtype, m, n, k, use_bias):
     _check_residual(impl, dtype, m, n, k, use_bias, seed=m * 1000 + n)
+
+
+def _concat_inputs(m, n, k1, k2, seed, offset):
+    """x1 [m, k1]; x2 [m, k2] a column slice starting `offset` elements into a wider buffer (8: 16-byte aligned
+    rows in fp16, the vector path; 3: misaligned, the scalar path); fp32 on the device."""
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(m, k1, generator=g)
+    wide = torch.randn(m, offset + k2 + 8, generator=g)
+    w = torch.randn(n, k1 + k2, generator=g) / math.sqrt(k1 + k2)
+    b = torch.randn(n, generator=g)
+    r = torch.randn(m, n, generator=g)
+    x1, wide, w, b, r = (t.cuda() for t in (x1, wide, w, b, r))
+    return x1, wide[:, offset:offset + k2], w, b, r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 16, 33])  # 33: cuda_ops falls back (Triton's tiled GEMM)
+# (K1, K2, x2's offset): the vector path; K1, K2 not multiples of 8 (scalar); x2's rows misaligned (scalar); one
+# piece empty.
+@pytest.mark.parametrize("k1,k2,offset", [(256, 520, 8), (40, 257, 8), (256, 520, 3), (0, 96, 8), (96, 0, 8)])
+def test_linear_concat_residual(impl, dtype, m, k1, k2, offset):
+    x1, x2, w, b, r = _concat_inputs(m, 136, k1, k2, seed=m * 1000 + k1 + offset, offset=offset)
+    args = [t.to(dtype) for t in (x1, x2, w, b, r)]
+    out = ops_for(impl, "linear_concat_residual")(*args)
+    assert out.shape == (m, 136) and out.dtype == dtype
+    assert_close_to_reference(out, reference.linear_concat_residual(x1, x2, w, b, r),
+                              reference.linear_concat_residual(*args), ATOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_concat_equals_the_concatenation_bitwise(dtype, m):
+    """Each lane sums the same k in the same order whichever piece holds it: [x1 | x2] read in place gives the bits
+    of the GEMV over the concatenation (KoGPT-6B's out_proj + fc_out, x2 a slice of the fused GEMM's output)."""
+    x1, x2, w, b, r = (t.to(dtype) for t in _concat_inputs(m, 4096, 4096, 16384, seed=m, offset=3 * 4096))
+    whole = torch.cat([x1, x2], dim=1)
+    assert torch.equal(cuda_ops.linear_concat_residual(x1, x2, w, b, r), cuda_ops.linear_residual(whole, w, b, r))
 
 
 # KoGPT-6B: q|k|v|fc_in as one GEMM (N = 3*4096 + 16384, K = 4096, GELU from 3*4096 on) and out_proj|fc_out as

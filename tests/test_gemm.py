@@ -354,3 +354,115 @@ def test_gemv_kogpt_6b_decode_shapes(shape, dtype):
     n, k, use_bias, gelu_start, use_residual = GEMV_DECODE_SHAPES[shape]
     assert gemm.use_gemv(1, DEVICE)
     check_gemv(1, n, k, dtype, use_bias, gelu_start, use_residual, config=None, seed=n + k)
+
+
+# ---- Two inputs: [x | x2] @ W^T read in place (GPT-J's [attention | gelu(fc_in)] before out_proj + fc_out) ----
+
+def concat_inputs(m, n, k1, k2, dtype, seed=0):
+    """x1 [m, k1] contiguous; x2 [m, k2] a column slice of a wider buffer (its row stride is not k2), as the
+    fc_in columns of the first fused GEMM's output are."""
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(m, k1, generator=g)
+    wide = torch.randn(m, 3 + k2 + 5, generator=g)
+    weight = torch.randn(n, k1 + k2, generator=g) / (k1 + k2) ** 0.5
+    bias = 0.5 * torch.randn(n, generator=g)
+    residual = torch.randn(m, n, generator=g)
+    x1, wide, weight, bias, residual = (t.to(dtype).to(DEVICE) for t in (x1, wide, weight, bias, residual))
+    return x1, wide[:, 3:3 + k2], weight, bias, residual
+
+
+def check_concat(m, n, k1, k2, dtype, config=None, seed=0, use_bias=True, via_ops=False):
+    x1, x2, weight, bias, residual = concat_inputs(m, n, k1, k2, dtype, seed)
+    assert m == 1 or k2 == 0 or not x2.is_contiguous()
+    bias = bias if use_bias else None
+    if via_ops:
+        got = ops.linear_concat_residual(x1, x2, weight, bias, residual)
+    else:
+        got = gemm.gemm(x1, weight, bias, residual=residual, config=config, x2=x2)
+    assert got.dtype == dtype and got.shape == (m, n)
+    up = UP[dtype]
+    oracle = reference.linear_concat_residual(x1.to(up), x2.to(up), weight.to(up),
+                                              None if bias is None else bias.to(up), residual.to(up))
+    assert_within_reference_error(got, oracle, reference.linear_concat_residual(x1, x2, weight, bias, residual),
+                                  dtype)
+    return got
+
+
+CONCAT_CONFIGS = {  # kernel tiles; the GEMV for M <= 16 only
+    "gemv_default": "gemv",
+    "gemv_4x32": gemm.GemvConfig(4, 32),
+    "gemm_default": "gemm",
+    "gemm_16x16x32": gemm.GemmConfig(16, 16, 32, group_m=1),
+}
+
+
+# K1 = 40 (not a multiple of any K step: one step reads the end of x1 only), 64 (a multiple of 32), 0 (x2 only);
+# K2 = 100 (a partial last step), 0 (x1 only).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", list(CONCAT_CONFIGS))
+@pytest.mark.parametrize("k1, k2", [(40, 100), (64, 100), (0, 100), (40, 0)])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_gemm_concatenated_inputs(m, k1, k2, config, dtype):
+    if m > gemm.GEMV_MAX_M and str(config).startswith("gemv"):
+        pytest.skip("the GEMV takes at most 16 rows")
+    check_concat(m, 37, k1, k2, dtype, config=CONCAT_CONFIGS[config], seed=m + k1)
+
+
+@pytest.mark.parametrize("config", [gemm.GemvConfig(4, 32), gemm.GemmConfig(16, 16, 32, group_m=1)],
+                         ids=["gemv", "gemm"])
+def test_concatenated_inputs_equal_the_concatenation_bitwise(config):
+    """With K1 a multiple of the K step, the two inputs are summed in the same order as their concatenation: the
+    same bits, in fp32 and fp16 (so the model's output does not depend on the concatenation being gone)."""
+    for dtype in DTYPES:
+        x1, x2, weight, bias, residual = concat_inputs(3, 37, 64, 100, dtype, seed=7)
+        got = gemm.gemm(x1, weight, bias, residual=residual, config=config, x2=x2)
+        whole = gemm.gemm(torch.cat([x1, x2], dim=1), weight, bias, residual=residual, config=config)
+        assert torch.equal(got, whole), dtype
+
+
+def test_ops_linear_concat_residual():
+    check_concat(5, 96, 24, 72, torch.float32, via_ops=True)
+    check_concat(5, 96, 24, 72, torch.float32, via_ops=True, use_bias=False)
+    x1, x2, weight, bias, residual = concat_inputs(5, 96, 24, 72, torch.float32)
+    # A residual of another dtype or a broadcast shape follows torch's rules, as the reference's `+` does.
+    for other in (residual.double(), residual[:1]):
+        expected = reference.linear_concat_residual(x1, x2, weight, bias, other)
+        got = ops.linear_concat_residual(x1, x2, weight, bias, other)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concatenated_inputs_bad_shapes_raise_value_errors():
+    x1, x2, weight, bias, residual = concat_inputs(4, 40, 24, 40, torch.float32)
+    with pytest.raises(ValueError, match="add up to weight's in_features 64"):
+        gemm.gemm(x1, weight, x2=x2[:, :30])
+    with pytest.raises(ValueError, match="share their leading dims"):
+        gemm.gemm(x1, weight, x2=x2[:3])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        gemm.gemm(x1, weight, x2=x2.half())
+    with pytest.raises(ValueError, match="x2 must be contiguous, or 2-D with contiguous rows"):
+        gemm.gemm(x1, weight, x2=torch.randn(40, 4, device=DEVICE).t())
+    with pytest.raises(ValueError, match="x must be contiguous, or 2-D with contiguous rows"):
+        gemm.gemm(torch.randn(2, 4, 24, device=DEVICE)[:, ::2], weight, x2=torch.randn(2, 2, 40, device=DEVICE))
+
+
+def test_strided_rows_of_x():
+    """x itself may be a column slice (any row stride): read in place, as the reference reads it."""
+    wide = torch.randn(6, 50, device=DEVICE)
+    _, weight, bias, _ = inputs(6, 40, 32, torch.float32)
+    for config in ("gemv", "gemm"):
+        torch.testing.assert_close(gemm.gemm(wide[:, 9:41], weight, bias, config=config),
+                                   reference.linear(wide[:, 9:41], weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 2048])
+def test_gemm_concatenated_kogpt_6b_shape(m, dtype):
+    """out_proj + fc_out at KoGPT-6B's size, reading [a | gelu(fc_in)] in place: K = 4096 + 16384, x2 a slice of a
+    [m, 3 * 4096 + 16384 + 8] buffer. Both kernels (the GEMV at m <= 16, the tiled GEMM above)."""
+    out = check_concat(m, 4096, 4096, 16384, dtype, seed=m)
+    x1, x2, weight, bias, residual = concat_inputs(m, 4096, 4096, 16384, dtype, seed=m)
+    torch.testing.assert_close(out, gemm.gemm(torch.cat([x1, x2], 1), weight, bias, residual=residual),
+                               rtol=0, atol=0)
