@@ -28,8 +28,8 @@ HF_EAGER, HF_SDPA, COMPILED = "hf-eager", "hf-sdpa", "pytorch-compiled"
 STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off (CPU, or --no-compile)
 
 
-def kogpt_name(backend: str) -> str:
-    return f"kogpt-fast[{backend}]"
+def kogpt_name(backend: str, prefill_gemm: str = "kernel") -> str:
+    return f"kogpt-fast[{backend}]" if prefill_gemm == "kernel" else f"kogpt-fast[{backend},prefill-gemm={prefill_gemm}]"
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -73,6 +73,7 @@ def checkpoint_weights(path: str, device, dtype) -> tuple[GPTJConfig, dict[str, 
 class System:
     name: str
     info: dict
+    kinds: frozenset[str] | None = None  # the case kinds it runs (None: all)
 
     def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:  # [B, T] -> [B, T + n]
         raise NotImplementedError
@@ -82,12 +83,15 @@ class System:
 
 
 class KoGPTSystem(System):
-    def __init__(self, config: GPTJConfig, weights: dict, backend: str):
+    def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_gemm: str = "kernel"):
         from kogpt_fast.model import KoGPTForCausalLM
 
         self.model = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
-        self.name = kogpt_name(backend)
-        self.info = {"backend": backend}
+        self.model.prefill_gemm = prefill_gemm
+        self.name = kogpt_name(backend, prefill_gemm)
+        self.info = {"backend": backend, "prefill_gemm": prefill_gemm}
+        if prefill_gemm != "kernel":
+            self.kinds = frozenset({"ttft"})  # it differs from the kernel system in the prefill only
 
     def generate(self, ids, n):
         return self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -145,8 +149,13 @@ class SystemSpec:
 
 
 def system_specs(config, weights, backends: list[str], wanted: set[str] | None, compile: bool) -> list[SystemSpec]:
-    """kogpt-fast on each backend, HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
+    """kogpt-fast on each backend (and, on the fastest kernel backend, with the prefill's GEMMs on torch's matmul,
+    for time to first token), HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
     specs = [SystemSpec(kogpt_name(b), lambda b=b: KoGPTSystem(config, weights, b)) for b in backends]
+    kernel_backends = [b for b in ("cuda", "triton") if b in backends]
+    if kernel_backends:
+        b = kernel_backends[0]
+        specs.append(SystemSpec(kogpt_name(b, "torch"), lambda: KoGPTSystem(config, weights, b, "torch")))
     specs += [
         SystemSpec(HF_EAGER, lambda: HFSystem(config, weights, "eager")),
         SystemSpec(HF_SDPA, lambda: HFSystem(config, weights, "sdpa")),
@@ -255,6 +264,33 @@ def attach_baselines(records: list[dict]) -> None:
         }
 
 
+def weight_bytes_per_token(weights: dict[str, torch.Tensor]) -> int:
+    """Bytes a batch-1 decode step must read: every weight but the embedding table (one row of it is read), each
+    tensor once (a tied lm_head is the embedding table, read whole by the lm_head)."""
+    seen, total = set(), 0
+    for name, t in weights.items():
+        if name == "transformer.wte.weight" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def attach_floor(records: list[dict], weights: dict[str, torch.Tensor], copy_bytes_per_s: float | None) -> dict | None:
+    """Each batch-1 decode_ms_per_token gets the memory-bandwidth floor measured in this run (the weights read
+    once per token at the copy rate of this run's peaks) and its fraction of it: floor / measured."""
+    if not copy_bytes_per_s:
+        return None
+    nbytes = weight_bytes_per_token(weights)
+    floor_ms = nbytes / copy_bytes_per_s * 1e3
+    for r in records:
+        if r.get("metric") == "decode_ms_per_token" and "value" in r and r["params"].get("batch") == 1:
+            r["floor"] = {"value": floor_ms, "unit": "ms/token"}
+            r["fraction_of_floor"] = {"value": floor_ms / r["value"], "unit": "fraction"}
+    return {"weight_bytes_per_token": nbytes, "copy_bytes_per_s": copy_bytes_per_s,
+            "floor_ms_per_token": floor_ms}
+
+
 def agreement(tokens: dict[str, torch.Tensor], prompt_len: int) -> list[dict]:
     """How many leading new tokens each system shares with the reference (HF eager if it ran): information only,
     fp16 systems may part after a near-tie."""
@@ -290,6 +326,8 @@ def run(config: GPTJConfig, weights: dict, specs: list[SystemSpec], cases: list[
         ids = torch.randint(2, config.vocab_size, (case.batch, case.prompt), generator=g).to(device)
         first_tokens = {}
         for system in systems:
+            if system.kinds is not None and case.kind not in system.kinds:
+                continue
             if deadline is not None and time.monotonic() > deadline:
                 on_record({"system": system.name, "kind": case.kind, "params": case.params,
                            "skipped": "time budget exhausted"})

@@ -95,10 +95,10 @@ def e2e_table(data: dict) -> str:
 
         compiled = "pytorch-compiled" if "pytorch-compiled" in base else "pytorch-static"
         rows.append([r["metric"], _params(r["params"]), r["system"], f"{_fmt(r['value'], 4)} {r['unit']}",
-                     vs("hf-eager"), vs(compiled)])
+                     vs("hf-eager"), vs(compiled), _pct(r.get("fraction_of_floor"))])
     if not rows and not missing:
         return ""
-    table = _table(rows, ["metric", "case", "system", "value", "vs hf-eager", "vs compiled"]) if rows else ""
+    table = _table(rows, ["metric", "case", "system", "value", "vs hf-eager", "vs compiled", "%floor"]) if rows else ""
     return "\n".join([table] + missing)
 
 
@@ -157,7 +157,12 @@ def summary(data: dict) -> str:
     for r in data.get("e2e", []):
         if "value" in r and r["metric"] != "request_s":
             key = f"{r['metric']} [{r['unit']}] ({_params(r['params'])})"
-            by_case.setdefault(key, []).append(f"{r['system']} {_fmt(r['value'], 4)}")
+            floor = f" ({_pct(r['fraction_of_floor'])} of the floor)" if r.get("fraction_of_floor") else ""
+            by_case.setdefault(key, []).append(f"{r['system']} {_fmt(r['value'], 4)}{floor}")
+    floor = (data.get("e2e_info") or {}).get("floor")
+    if floor:
+        lines.append(f"decode floor: {floor['weight_bytes_per_token'] / 1e9:.2f} GB of weights a token at the measured "
+                     f"copy rate = {_fmt(floor['floor_ms_per_token'], 4)} ms/token")
     if by_case:
         lines.append("end to end:")
     for key, cells in by_case.items():

@@ -147,7 +147,7 @@ def run_ops(results, config, device, dtype, impls, timer, peaks, quick, deadline
 
 
 def run_e2e(results, model_path, config, device, dtype, backend_names, systems, compile_, quick, runs,
-            deadline) -> None:
+            deadline, peaks=None) -> None:
     if model_path:
         config, weights = e2e.checkpoint_weights(model_path, device, dtype)
     else:
@@ -163,6 +163,8 @@ def run_e2e(results, model_path, config, device, dtype, backend_names, systems, 
     results.data["e2e_info"] = e2e.run(config, weights, specs, e2e.e2e_cases(config, device, quick), runs,
                                        deadline, on_record)
     e2e.attach_baselines(results.data["e2e"])
+    results.data["e2e_info"]["floor"] = e2e.attach_floor(results.data["e2e"], weights,
+                                                         peaks.copy_bytes_per_s if peaks else None)
     results.save()
 
 
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     if "e2e" in suites:
         runs = 2 if (args.quick or device.type != "cuda") else 3
         run_e2e(results, args.model, config, device, dtype, list(impls), systems, compile_, args.quick, runs,
-                deadline)
+                deadline, peaks)
     results.data["elapsed_s"] = time.monotonic() - start
     _finish(results, args.out, not args.no_plots)
     print()

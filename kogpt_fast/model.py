@@ -23,6 +23,9 @@ from .generation import GenerationMixin
 from .kv_cache import PagedKVCache, StepMetadata
 
 
+PREFILL_GEMMS = ("kernel", "torch")  # KoGPTForCausalLM.prefill_gemm
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTJConfig):
         super().__init__()
@@ -74,6 +77,9 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         # GPT-J's two fused GEMMs (see fused()); None: on for the kernel backends in fp16/bf16.
         self.fuse_projections: bool | None = None
         self.use_cuda_graph = True  # decode steps replay as CUDA graphs where decode.graphs_enabled allows
+        # Where the projections of prefill steps run: "kernel" (the backend's GEMM) or "torch" (torch's matmul, cuBLAS
+        # on a GPU, epilogues as torch ops: kogpt_fast.torch_gemm). Decode steps always use the backend's GEMV.
+        self.prefill_gemm = "kernel"
         self._rope: torch.Tensor | None = None
         self._fused: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._decode_steps: dict[int, DecodeStep] = {}
@@ -218,6 +224,11 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         """input_ids [N] packed new tokens -> fp32 logits [B, vocab] at each sequence's last new token."""
         ops, c = self.ops(), self.config
         attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
+        gemm = ops  # the projections' ops
+        if self.prefill_gemm not in PREFILL_GEMMS:
+            raise ValueError(f"prefill_gemm={self.prefill_gemm!r} is not one of {PREFILL_GEMMS}")
+        if meta.is_prefill and self.prefill_gemm == "torch" and self.backend() != "torch":
+            from . import torch_gemm as gemm
         rope = self.rope()
         if self.fused():
             fused = self.fused_weights()
@@ -229,18 +240,18 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, c.layer_norm_epsilon)
             if fused:  # two GEMMs a layer; rounding differs from HF's four, so the reference path stays unfused
                 w_in, b_in, w_out, b_out = fused[layer]
-                y = ops.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
+                y = gemm.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
                 q, k, v = (y[:, i * d:(i + 1) * d].view(shape) for i in range(3))  # views: token stride 3d + d_ff
                 a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)
-                x = ops.linear_concat_residual(a.reshape(-1, d), y[:, 3 * d:], w_out, b_out, x)  # [a | m] in place
+                x = gemm.linear_concat_residual(a.reshape(-1, d), y[:, 3 * d:], w_out, b_out, x)  # [a | m] in place
                 continue
-            q = ops.linear(h, block.attn.q_proj.weight).view(shape)  # [N, H, D]
-            k = ops.linear(h, block.attn.k_proj.weight).view(shape)
-            v = ops.linear(h, block.attn.v_proj.weight).view(shape)
+            q = gemm.linear(h, block.attn.q_proj.weight).view(shape)  # [N, H, D]
+            k = gemm.linear(h, block.attn.k_proj.weight).view(shape)
+            v = gemm.linear(h, block.attn.v_proj.weight).view(shape)
             a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)  # [N, H, D]
-            a = ops.linear(a.reshape(-1, d), block.attn.out_proj.weight)
-            m = ops.linear_gelu(h, block.mlp.fc_in.weight, block.mlp.fc_in.bias, c.activation_function)
-            m = ops.linear(m, block.mlp.fc_out.weight, block.mlp.fc_out.bias)
+            a = gemm.linear(a.reshape(-1, d), block.attn.out_proj.weight)
+            m = gemm.linear_gelu(h, block.mlp.fc_in.weight, block.mlp.fc_in.bias, c.activation_function)
+            m = gemm.linear(m, block.mlp.fc_out.weight, block.mlp.fc_out.bias)
             x = a + m + x  # HF's order: (attention + MLP) + residual
         x = x[meta.last_token]  # [B, d]
         x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias, c.layer_norm_epsilon)

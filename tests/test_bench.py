@@ -98,6 +98,15 @@ def test_smoke_run_end_to_end(smoke):
         assert r["value"] > 0
         if r["system"].startswith("kogpt-fast"):
             assert "pytorch-static" in r["baselines"] and (not HAS_TRANSFORMERS or "hf-eager" in r["baselines"])
+    # The batch-1 decode figure comes with the floor of this run: the weights read once at the measured copy rate.
+    floor = data["e2e_info"]["floor"]
+    assert floor["floor_ms_per_token"] == pytest.approx(
+        floor["weight_bytes_per_token"] / floor["copy_bytes_per_s"] * 1e3)
+    assert floor["copy_bytes_per_s"] == pytest.approx(data["peaks"]["copy_bandwidth"]["value"] * 1e12)
+    for r in figures:
+        if r["metric"] == "decode_ms_per_token":
+            assert r["floor"]["value"] == floor["floor_ms_per_token"]
+            assert r["fraction_of_floor"]["value"] == pytest.approx(floor["floor_ms_per_token"] / r["value"])
     skipped = {s["system"] for s in data["e2e_info"]["skipped_systems"]}
     assert "hf-sdpa" in systems | skipped  # run, or skipped with the reason (transformers 5.x GPT-J has no sdpa)
     if HAS_TRANSFORMERS:  # the same weights reached both: the torch backend is HF eager's equal in fp32
@@ -116,6 +125,36 @@ def test_smoke_run_plots(smoke):
     assert isinstance(data["plots"], list) and data["plots"], data["plots"]
     for name in data["plots"]:
         assert name.endswith(".png") and (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weight_bytes_per_token_skip_the_embedding_and_count_shared_tensors_once():
+    from bench import e2e
+
+    wte, head = torch.zeros(10, 4), torch.zeros(10, 4, dtype=torch.float16)
+    layer = torch.zeros(3, 4)
+    weights = {"transformer.wte.weight": wte, "transformer.h.0.attn.q_proj.weight": layer, "lm_head.weight": head}
+    assert e2e.weight_bytes_per_token(weights) == 3 * 4 * 4 + 10 * 4 * 2
+    tied = {**weights, "lm_head.weight": wte}  # a tied lm_head reads the whole table, once
+    assert e2e.weight_bytes_per_token(tied) == 3 * 4 * 4 + 10 * 4 * 4
+    records = [{"metric": "decode_ms_per_token", "value": 8.0, "params": {"batch": 1}},
+               {"metric": "decode_ms_per_token", "value": 8.0, "params": {"batch": 4}}]
+    info = e2e.attach_floor(records, weights, copy_bytes_per_s=128e3)  # 128 bytes at 128 kB/s: 1 ms
+    assert info["floor_ms_per_token"] == pytest.approx(1.0)
+    assert records[0]["fraction_of_floor"]["value"] == pytest.approx(1 / 8)
+    assert "floor" not in records[1]  # the floor is a batch-1 figure
+    assert e2e.attach_floor(records, weights, None) is None
+
+
+def test_kernel_backends_get_a_prefill_gemm_variant_for_ttft_only():
+    from bench import e2e
+    from kogpt_fast.config import GPTJConfig
+
+    names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch", "triton", "cuda"], None, False)]
+    assert "kogpt-fast[cuda,prefill-gemm=torch]" in names and "kogpt-fast[triton,prefill-gemm=torch]" not in names
+    names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch"], None, False)]
+    assert not any("prefill-gemm" in n for n in names)
+    names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["triton"], {"kogpt"}, False)]
+    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton,prefill-gemm=torch]"]
 
 
 def test_report_of_an_earlier_run(smoke, capsys):

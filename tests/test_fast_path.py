@@ -53,8 +53,9 @@ def kogpt6b():
     return config, weights, HFSystem(config, weights, "eager").model
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend):
+# prefill_gemm "torch": the prompt's projections on cuBLAS (kogpt_fast.torch_gemm), decode on the kernels.
+@pytest.mark.parametrize("backend, prefill_gemm", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
+def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend, prefill_gemm):
     config, weights, hf = kogpt6b
     device = torch.device("cuda")
     if backends.unavailable_reason(backend, device) is not None:
@@ -65,6 +66,7 @@ def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend):
                           do_sample=False, pad_token_id=1, output_logits=True, return_dict_in_generate=True)
     hf_logits = torch.stack(out.logits, dim=1)[0].float()  # [NEW, vocab]
     ours = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
+    ours.prefill_gemm = prefill_gemm
     assert ours.fused() and ours.backend() == backend
     got = teacher_forced_logits(ours, out.sequences, PROMPT)
     top2 = hf_logits.topk(2).values

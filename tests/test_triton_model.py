@@ -81,6 +81,42 @@ def test_fused_gemms_on_triton_give_the_same_greedy_tokens(pair):
     assert_same_tokens(expected, got, ids.shape[1])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_prefill_gemms_on_torch_give_the_same_greedy_tokens(pair, fused, monkeypatch):
+    """prefill_gemm="torch": the prefill's projections on torch's matmul (kogpt_fast.torch_gemm), decode on the
+    kernels; the cache the prefill leaves is the decode's input, so the later tokens check it too."""
+    from kogpt_fast import torch_gemm
+
+    hf, ours = pair
+    ids, mask = left_padded_batch([6, 2, 11], hf.config.vocab_size, pad=hf.config.eos_token_id, seed=6)
+    expected = hf_greedy(hf, ids, mask, max_new_tokens=NEW_TOKENS)
+    calls = []
+    for name in ("linear", "linear_gelu", "linear_split_gelu", "linear_concat_residual"):
+        original = getattr(torch_gemm, name)
+        monkeypatch.setattr(torch_gemm, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ours.fuse_projections, ours.prefill_gemm = fused, "torch"
+    try:
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+    finally:
+        ours.fuse_projections, ours.prefill_gemm = None, "kernel"
+    assert_same_tokens(expected, got, ids.shape[1])
+    layers = hf.config.n_layer
+    if fused:  # the prefill step only: 2 GEMMs a layer
+        assert calls == ["linear_split_gelu", "linear_concat_residual"] * layers
+    else:  # q, k, v, out_proj, fc_in, fc_out
+        assert calls == (["linear"] * 4 + ["linear_gelu", "linear"]) * layers
+
+
+def test_bad_prefill_gemm_raises(pair):
+    _, ours = pair
+    ours.prefill_gemm = "cublas"
+    try:
+        with pytest.raises(ValueError, match="prefill_gemm='cublas' is not one of"):
+            ours.generate(torch.tensor([[3, 4]], device=DEVICE), max_new_tokens=1)
+    finally:
+        ours.prefill_gemm = "kernel"
+
+
 # Backend choice (kogpt_fast.backends): the triton backend where it can run, torch by default on the CPU.
 
 

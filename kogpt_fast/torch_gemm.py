@@ -1,0 +1,76 @@
+"""The GEMM ops on torch's matmul (cuBLAS on a GPU): what the kernel backends' prefill GEMMs are measured against.
+
+`KoGPTForCausalLM.prefill_gemm = "torch"` sends the projections of prefill steps here instead of the backend's
+GEMM (the Triton tiled kernel at M > 16); decode steps keep the backend's GEMV. Same names, signatures and
+semantics as the reference's GEMM ops (kogpt_fast.reference), with each epilogue that cuBLAS cannot fuse done as one
+torch op over the GEMM's output, in place:
+- GELU: `gelu(approximate="tanh")`, the function HF's gelu_new computes, in one kernel (the reference writes
+  gelu_new as HF does, eight elementwise kernels, fine as an oracle and slow over 2048 x 16384 activations);
+- the residual: the GEMM's beta term (torch.addmm), the bias added after;
+- [x1 | x2]: two addmm into one output, so the concatenation is never made.
+Each op rounds to the activation dtype after the GEMM and again after its epilogue, as HF does after each of its
+ops; the Triton and CUDA GEMMs round once. Both are within the tests' tolerance of the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both spell GPT-J's tanh-approximated GELU
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+
+
+def _gelu_(y: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(y, approximate="tanh")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
+    _check_activation(activation)
+    return _gelu_(F.linear(x, weight, bias))
+
+
+def linear_split_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new"
+) -> torch.Tensor:
+    _check_activation(activation)
+    y = F.linear(x, weight, bias)
+    _gelu_(y[..., gelu_start:])
+    return y
+
+
+def _residual_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
+    """addmm's beta term takes the residual as is: 2-D, the output's shape and dtype (else the reference's `+`)."""
+    return (x.dim() == 2 and residual.dim() == 2 and residual.dtype == x.dtype
+            and residual.shape == (x.shape[0], weight.shape[0]))
+
+
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    if not _residual_fits(x, weight, residual):
+        return reference.linear_residual(x, weight, bias, residual)
+    out = torch.addmm(residual, x, weight.t())
+    return out if bias is None else out.add_(bias)
+
+
+def linear_concat_residual(
+    x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """[x1 | x2] @ weight^T + bias + residual as residual + x1 W1^T, then + x2 W2^T (W = [W1 | W2], column slices
+    that cuBLAS reads at the weight's row stride), then + bias."""
+    k1 = x1.shape[-1]
+    if not (_residual_fits(x1, weight, residual) and x2.dim() == 2 and k1 + x2.shape[-1] == weight.shape[1]):
+        return reference.linear_concat_residual(x1, x2, weight, bias, residual)
+    out = torch.addmm(residual, x1, weight[:, :k1].t())
+    out.addmm_(x2, weight[:, k1:].t())
+    return out if bias is None else out.add_(bias)
