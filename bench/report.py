@@ -126,6 +126,8 @@ def full_report(data: dict) -> str:
     if e2e:
         parts += ["", "end to end", e2e]
     info = data.get("e2e_info") or {}
+    for shape, cfg in (info.get("gemv_tuned") or {}).items():
+        parts.append(f"Triton GEMV tiles tuned on this card: {shape}: {cfg}")
     for s in info.get("skipped_systems", []):
         parts.append(f"skipped system {s['system']}: {s['reason']}")
     for a in info.get("token_agreement", []):

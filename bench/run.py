@@ -163,6 +163,8 @@ def run_e2e(results, model_path, config, device, dtype, backend_names, systems, 
     results.data["e2e_info"] = e2e.run(config, weights, specs, e2e.e2e_cases(config, device, quick), runs,
                                        deadline, on_record)
     e2e.attach_baselines(results.data["e2e"])
+    gemm = sys.modules.get("kogpt_fast.kernels.gemm")  # the Triton GEMV's tiles, tuned on this card as it ran
+    results.data["e2e_info"]["gemv_tuned"] = gemm.tuned_configs() if gemm is not None else None
     results.data["e2e_info"]["floor"] = e2e.attach_floor(results.data["e2e"], weights,
                                                          peaks.copy_bytes_per_s if peaks else None)
     results.save()

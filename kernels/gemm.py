@@ -21,14 +21,17 @@ The GEMV's constexprs: the same epilogue flags, ROWS (= M, unrolled), BLOCK_M / 
 
 Two kernels. On CUDA, M <= 16 (decode) goes to _gemv_kernel: a GEMV, bound by reading the weight once, so each
 program owns BLOCK_N = 4-8 weight rows and streams them along K in steps of 1024 (fp16/bf16; 512 for fp32), with
-fp32 broadcast-multiply-and-sum (no tl.dot, which needs 16 rows) and the same epilogue. Larger M goes to the tiled
+fp32 broadcast-multiply-and-sum (no tl.dot, which needs 16 rows) and the same epilogue. For large weights the
+tiles are measured on the card at the first call (GEMV_CANDIDATES, tune_gemv). Larger M goes to the tiled
 _gemm_kernel. Under the CPU interpreter every M takes the tiled kernel with large tiles (its cost is per program);
 config="gemv" (or a GemvConfig) forces the GEMV there so that the tests run it, config="gemm" forces the tiled one.
 """
 from __future__ import annotations
 
+import logging
 import math
 import operator
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +39,8 @@ import triton
 import triton.language as tl
 
 from .checks import check_interpretable, check_same_dtype, check_tensor, dot_precision
+
+logger = logging.getLogger(__name__)
 
 
 class GemmConfig(NamedTuple):
@@ -75,6 +80,50 @@ def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     block_k = 512 if dtype == torch.float32 else 1024
     block_n = 4 if n < 8192 and m <= 2 else 8
     return GemvConfig(block_n, block_k, num_warps=4)
+
+
+# The GEMV tiles gemm() measures on the card, for weights of at least TUNE_MIN_WEIGHTS elements (4096 x 1024 and
+# up: every KoGPT-6B projection), at the first call with each shape and epilogue: DESIGN.md's measured design
+# (4-8 rows a program, K steps of 1024) and its neighbours. The fastest by triton.testing.do_bench (L2 flushed
+# before each run, as the weights arrive from HBM in the model) is kept for the process. KOGPT_GEMV_TUNE=0 keeps
+# pick_gemv_config's choice; no tuning while a CUDA graph is being captured (the decode step warms up first).
+GEMV_CANDIDATES = (
+    GemvConfig(4, 1024, 4), GemvConfig(8, 1024, 4), GemvConfig(8, 512, 4), GemvConfig(16, 1024, 8),
+)
+TUNE_MIN_WEIGHTS = 1 << 22
+_tuned: dict[tuple, GemvConfig] = {}
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("KOGPT_GEMV_TUNE", "1") != "0"
+
+
+def tuned_configs() -> dict[str, str]:
+    """What the tuner chose so far, for the benchmark's record: {"M=1 N=.. K=.. float16 ...": "GemvConfig(...)"}."""
+    return {" ".join(f"{k}={v}" for k, v in key): repr(cfg) for key, cfg in _tuned.items()}
+
+
+def tune_gemv(key: tuple, candidates, run, bench=None) -> GemvConfig:
+    """The fastest of candidates for this key (cached): run(config) launches the GEMV, bench(fn) times it in ms.
+    A candidate that fails to compile or launch is skipped (with at least one left)."""
+    if key in _tuned:
+        return _tuned[key]
+    if bench is None:
+        def bench(fn):
+            return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
+    timings = []
+    for cfg in candidates:
+        try:
+            timings.append((bench(lambda cfg=cfg: run(cfg)), cfg))
+        except Exception as e:  # a tile this card cannot run: the others decide
+            timings.append((float("inf"), cfg))
+            logger.debug("GEMV candidate %s failed for %s: %s", cfg, key, e)
+    best_ms, best = min(timings, key=lambda t: t[0])
+    if best_ms == float("inf"):
+        raise RuntimeError(f"no GEMV candidate ran for {key}")
+    _tuned[key] = best
+    logger.debug("GEMV %s: %s (%.1f us)", key, best, best_ms * 1e3)
+    return best
 
 
 def pick_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
@@ -299,11 +348,20 @@ def gemm(
         HAS_RESIDUAL=residual is not None,
     )
     if gemv:
-        gcfg = config if isinstance(config, GemvConfig) else pick_gemv_config(m, n, k, x.dtype)
-        _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
-            N=n, **args, ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
-            num_warps=gcfg.num_warps,
-        )
+        def run(gcfg: GemvConfig) -> None:
+            _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
+                N=n, **args, ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+                num_warps=gcfg.num_warps,
+            )
+
+        gcfg = config if isinstance(config, GemvConfig) else None
+        if config is None and x.device.type == "cuda" and n * k >= TUNE_MIN_WEIGHTS and tuning_enabled():
+            flags = (("b", args["HAS_BIAS"]), ("g", args["GELU"]), ("r", args["HAS_RESIDUAL"]), ("2", has_x2))
+            key = (("M", m), ("N", n), ("K", k), ("dtype", str(x.dtype).removeprefix("torch.")),
+                   ("epilogue", "".join(f for f, on in flags if on) or "-"))
+            if key in _tuned or not torch.cuda.is_current_stream_capturing():
+                gcfg = tune_gemv(key, GEMV_CANDIDATES, run)
+        run(gcfg or pick_gemv_config(m, n, k, x.dtype))
         return out
     cfg = config if isinstance(config, GemmConfig) else pick_config(m, n, k, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)

@@ -466,3 +466,69 @@ def test_gemm_concatenated_kogpt_6b_shape(m, dtype):
     x1, x2, weight, bias, residual = concat_inputs(m, 4096, 4096, 16384, dtype, seed=m)
     torch.testing.assert_close(out, gemm.gemm(torch.cat([x1, x2], 1), weight, bias, residual=residual),
                                rtol=0, atol=0)
+
+
+# ---- The GEMV tuner: the fastest candidate tile on the card, once per shape and epilogue ----
+
+def test_tuner_picks_the_fastest_candidate_once(monkeypatch):
+    monkeypatch.setattr(gemm, "_tuned", {})
+    a, b, c = gemm.GemvConfig(4, 1024), gemm.GemvConfig(8, 1024), gemm.GemvConfig(8, 512)
+    ran, timed = [], []
+
+    def run(cfg):
+        if cfg is c:
+            raise RuntimeError("out of resources")  # a tile that cannot run is skipped
+        ran.append(cfg)
+
+    def bench(fn):
+        fn()
+        timed.append(ran[-1])
+        return {a: 2.0, b: 1.5}[ran[-1]]
+
+    key = (("M", 1), ("N", 4096))
+    assert gemm.tune_gemv(key, (a, b, c), run, bench) == b
+    assert timed == [a, b]
+    assert gemm.tune_gemv(key, (a, b, c), run, lambda fn: pytest.fail("tuned twice")) == b
+    assert gemm.tuned_configs() == {"M=1 N=4096": repr(b)}
+    with pytest.raises(RuntimeError, match="no GEMV candidate ran"):
+        gemm.tune_gemv((("M", 2),), (c,), run, bench)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("candidate", gemm.GEMV_CANDIDATES, ids=repr)
+def test_every_tuner_candidate_is_correct(candidate, dtype):
+    """Whichever tile the tuner keeps computes the same op: each candidate on the epilogues the model uses."""
+    check_gemv(3, 37, 1100, dtype, True, 19, True, config=candidate, seed=candidate.block_n)
+    check_concat(2, 37, 40, 100, dtype, config=candidate, seed=candidate.block_k)
+
+
+def test_tuning_is_off_on_the_cpu_and_when_disabled(monkeypatch):
+    """The CPU interpreter never tunes (it measures nothing useful); KOGPT_GEMV_TUNE=0 turns tuning off."""
+    monkeypatch.setattr(gemm, "_tuned", {})
+    monkeypatch.setenv("KOGPT_GEMV_TUNE", "1")
+    assert gemm.tuning_enabled()
+    x, weight, _, _ = inputs(1, 64, 32, torch.float32)
+    gemm.gemm(x.cpu(), weight.cpu(), config="gemv")
+    assert gemm.tuned_configs() == {}
+    monkeypatch.setenv("KOGPT_GEMV_TUNE", "0")
+    assert not gemm.tuning_enabled()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tuner_at_kogpt_6b_decode_shapes(monkeypatch):
+    """The two fused GEMVs and the lm_head at M = 1, tuned on this card: the kept tile gives a correct result, the
+    choice is recorded, and a second call (and a CUDA-graph capture) reuses it without timing anything."""
+    monkeypatch.setenv("KOGPT_GEMV_TUNE", "1")
+    monkeypatch.setattr(gemm, "_tuned", {})
+    d, ff = 4096, 16384
+    check_split_gelu(1, 3 * d + ff, d, 3 * d, torch.float16, seed=1)
+    check_concat(1, d, d, ff, torch.float16, seed=2)
+    check(1, 64512, d, torch.float16, activation=None)
+    assert len(gemm.tuned_configs()) == 3, gemm.tuned_configs()
+    monkeypatch.setattr(gemm, "tune_gemv", lambda key, *a: gemm._tuned[key])  # a miss would raise KeyError
+    check_concat(1, d, d, ff, torch.float16, seed=3)
+    # A shape first seen during a capture is not tuned there: the default tiles are used.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    check(1, 4096, 4096, torch.float16, activation=None)
+    assert len(gemm.tuned_configs()) == 3
