@@ -29,7 +29,8 @@ STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off 
 
 
 def kogpt_name(backend: str, prefill_gemm: str = "kernel") -> str:
-    return f"kogpt-fast[{backend}]" if prefill_gemm == "kernel" else f"kogpt-fast[{backend},prefill-gemm={prefill_gemm}]"
+    # No comma in a name: --systems takes a comma-separated list of them.
+    return f"kogpt-fast[{backend}]" if prefill_gemm == "kernel" else f"kogpt-fast[{backend}]+{prefill_gemm}-prefill-gemm"
 
 
 # ---- weights -------------------------------------------------------------------------------------------------

@@ -150,11 +150,11 @@ def test_kernel_backends_get_a_prefill_gemm_variant_for_ttft_only():
     from kogpt_fast.config import GPTJConfig
 
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch", "triton", "cuda"], None, False)]
-    assert "kogpt-fast[cuda,prefill-gemm=torch]" in names and "kogpt-fast[triton,prefill-gemm=torch]" not in names
+    assert "kogpt-fast[cuda]+torch-prefill-gemm" in names and "kogpt-fast[triton]+torch-prefill-gemm" not in names
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch"], None, False)]
     assert not any("prefill-gemm" in n for n in names)
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["triton"], {"kogpt"}, False)]
-    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton,prefill-gemm=torch]"]
+    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton]+torch-prefill-gemm"]
 
 
 def test_report_of_an_earlier_run(smoke, capsys):

@@ -23,6 +23,10 @@ HAS_CUDA = torch.cuda.is_available()
 
 _TRITON_OPS = Path(__file__).resolve().parent.parent / "kernels" / "ops.py"
 IMPLS = ["cuda"] + (["triton"] if importlib.util.find_spec("triton") and _TRITON_OPS.is_file() else [])
+# The GEMV tests below sweep shapes, rows and epilogues on the CUDA library only: on the triton impl each
+# combination would compile its own kernel (minutes of the GPU check's time), and tests/test_gemm.py sweeps the
+# Triton GEMV itself. Both impls meet at KoGPT-6B's shapes (test_fused_gemms_at_kogpt_6b_shapes).
+GEMV_IMPLS = ["cuda"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}  # fp32: exact up to summation order
 
@@ -330,7 +334,7 @@ def test_cpu_ops_take_column_slices():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GEMV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (333, 264), (77, 257)])  # 257: K not a multiple of 8 (scalar path)
@@ -381,7 +385,7 @@ def _check_residual(impl, dtype, m, n, k, use_bias=True, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GEMV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 16, 33])  # 33: cuda_ops falls back (Triton) beyond the GEMV's 16 rows
 @pytest.mark.parametrize("n,k", [(333, 264), (77, 257)])  # 257: K not a multiple of 8 (the GEMV's scalar path)
@@ -394,7 +398,7 @@ def test_linear_split_gelu(impl, dtype, m, n, k, gelu_start):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GEMV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 16, 33])
 @pytest.mark.parametrize("n,k", [(136, 520), (77, 257 + 96)])
@@ -418,7 +422,7 @@ def _concat_inputs(m, n, k1, k2, seed, offset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GEMV_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 16, 33])  # 33: cuda_ops falls back (Triton's tiled GEMM)
 # (K1, K2, x2's offset): the vector path; K1, K2 not multiples of 8 (scalar); x2's rows misaligned (scalar); one

@@ -177,15 +177,21 @@ def test_greedy_equals_hf_on_gpu_fp32_longer(pair):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_demo_checkpoint_fp16_equals_hf_fp16_eager():
-    """20 prompts x 64 new tokens, one at a time (no padding), fp16: the issue's acceptance check."""
+@pytest.mark.parametrize("backend, prefill_gemm", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
+def test_demo_checkpoint_fp16_equals_hf_fp16_eager(backend, prefill_gemm):
+    """20 prompts x 64 new tokens, one at a time (no padding), fp16, on the fast path (fused GEMMs, CUDA-graph
+    decode) of each kernel backend: the issues' acceptance check."""
     from transformers import GPTJForCausalLM
 
     from kogpt_fast import demo_model_path
 
+    if backends.unavailable_reason(backend, DEVICE) is not None:
+        pytest.skip(backends.unavailable_reason(backend, DEVICE))
     path = demo_model_path()
     hf = GPTJForCausalLM.from_pretrained(path, dtype=torch.float16, attn_implementation="eager").to(DEVICE)
-    ours = KoGPTForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.float16, backend="triton")
+    ours = KoGPTForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.float16, backend=backend)
+    ours.prefill_gemm = prefill_gemm
+    assert ours.fused() and ours.backend() == backend
     g = torch.Generator().manual_seed(0)
     differing = []
     for i in range(20):
@@ -196,4 +202,5 @@ def test_demo_checkpoint_fp16_equals_hf_fp16_eager():
         if not torch.equal(got, expected):
             first = int((got[0] != expected[0]).nonzero()[0]) - prompt_len if got.shape == expected.shape else -1
             differing.append((i, prompt_len, first))
+    assert ours._decode_steps[1].graph is not None, "decode did not replay a CUDA graph"
     assert not differing, f"(prompt, prompt_len, first differing new token) for prompts that differ: {differing}"
