@@ -6,7 +6,8 @@ Ops are looked up by the names of kogpt_fast/reference.py on each backend's ops 
                        lm_head (+bias, d -> vocab). Baseline: cuBLAS through F.linear, plus a separate F.gelu
                        for fc_in.
   linear_split_gelu,   GPT-J's fused GEMMs (the fast path's two GEMMs a layer): fused_in (q | k | v | gelu(fc_in),
-  linear_concat_residual  d -> 3d + d_ff) and fused_out ([a | gelu(fc_in)] read in place -> d, + residual).
+  linear_concat_residual, d -> 3d + d_ff), ln_fused_in (the same after ln_1, as the model calls it) and fused_out
+  layer_norm_linear_split_gelu  ([a | gelu(fc_in)] read in place -> d, + residual).
                        Baseline: cuBLAS over the same weights, the GELU / concatenation / residual add as torch ops.
   prefill_attention    causal attention over one T-token sequence, with RoPE and the paged KV-cache write.
                        Baseline: SDPA (flash), which does the attention only.
@@ -183,6 +184,31 @@ def fused_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
             baseline_call=in_baseline,
         ))
 
+        def ln_op(ops, i, in_inputs=in_inputs):
+            x, w, b = in_inputs(i)
+            g = torch.ones(d, device=device, dtype=dtype)
+            beta = torch.zeros(d, device=device, dtype=dtype)
+            return lambda: ops.layer_norm_linear_split_gelu(x, g, beta, c.layer_norm_epsilon, w, b, 3 * d,
+                                                            c.activation_function)
+
+        def ln_baseline(i, in_inputs=in_inputs):
+            x, w, b = in_inputs(i)
+            g = torch.ones(d, device=device, dtype=dtype)
+            beta = torch.zeros(d, device=device, dtype=dtype)
+
+            def call():
+                y = F.linear(F.layer_norm(x, (d,), g, beta, c.layer_norm_epsilon), w, b)
+                y[:, 3 * d:] = F.gelu(y[:, 3 * d:], approximate="tanh")
+                return y
+            return call
+
+        cases.append(Case(
+            op="layer_norm_linear_split_gelu", name="ln_fused_in", params={"M": m, "K": d, "N": n_in},
+            bytes=nbytes + 2 * d * elt, flops=2 * m * n_in * d, set_bytes=nbytes, op_call=ln_op,
+            baseline_name=f"layer_norm+{library}+gelu", baseline_call=ln_baseline,
+            notes=["ln_1 and the first fused GEMM: on the triton backend one kernel at M <= 2"],
+        ))
+
         def out_inputs(i, m=m):
             r = _Random(device, dtype, f"fused_out/{m}/{i}")
             a = r.randn(m, d)
@@ -346,7 +372,7 @@ def layer_norm_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Ca
 
 
 # The order of the tables and plots.
-NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "fused_in", "fused_out", "prefill", "decode", "kv_write", "layer_norm")
+NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "fused_in", "ln_fused_in", "fused_out", "prefill", "decode", "kv_write", "layer_norm")
 
 
 def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:

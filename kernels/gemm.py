@@ -59,6 +59,10 @@ class GemvConfig(NamedTuple):
 
 
 GEMV_MAX_M = 16  # rows of x the GEMV handles (one weight tile per K step serves them all)
+# Rows the GEMV normalises itself (gemm(ln=...)): each program reads x's rows twice more for their statistics, 2 x M x
+# K elements from L2 a program against its BLOCK_N x K of weights from HBM. Beyond 2 rows that L2 traffic outgrows
+# what one LayerNorm kernel costs; larger M runs the LayerNorm kernel first.
+LN_IN_GEMV_MAX_M = 2
 
 
 def use_gemv(m: int, device: torch.device) -> bool:
@@ -207,9 +211,36 @@ def _gemm_kernel(
 
 
 @triton.jit
+def _row_stats(x_ptr, stride_x, rm, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, rstd) [BLOCK_M] of x's first ROWS rows over K, in fp32 as _layer_norm_kernel computes them: the mean,
+    then the mean of the squared deviations (two passes over the row, from L1/L2), rstd = 1 / sqrt(var + eps)."""
+    rk = tl.arange(0, BLOCK_K)
+    means = tl.zeros([BLOCK_M], tl.float32)
+    rstds = tl.zeros([BLOCK_M], tl.float32)
+    for m in tl.static_range(ROWS):
+        total = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            total += tl.load(x_ptr + m * stride_x + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / K
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            in_k = k0 + rk < K
+            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
+            centered = tl.where(in_k, xm - mean, 0.0)
+            squares += centered * centered
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        means = tl.where(rm == m, mean, means)
+        rstds = tl.where(rm == m, rstd, rstds)
+    return means, rstds
+
+
+@triton.jit
 def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
-                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < ROWS (x's rows stride_x apart)."""
+                  ln_w_ptr, ln_b_ptr, means, rstds,
+                  HAS_LN: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < ROWS (x's rows stride_x apart).
+    With HAS_LN, x's rows are LayerNorm'd first: (x - mean) * rstd * ln_w + ln_b, rounded to x's dtype, as
+    _layer_norm_kernel writes them."""
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + w_col0 + rk[None, :]  # [BLOCK_N, BLOCK_K]
     for k0 in range(0, k_len, BLOCK_K):
@@ -217,9 +248,17 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
         # Streamed once: evict first, so that x (re-read by every program) stays cached.
         w = tl.load(w_ptrs, mask=in_n[:, None] & in_k[None, :], other=0.0, eviction_policy="evict_first")
         w = w.to(tl.float32)
+        if HAS_LN:
+            gain = tl.load(ln_w_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
+            shift = tl.load(ln_b_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
-            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
-            part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]
+            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0)
+            if HAS_LN:
+                mean = tl.sum(tl.where(rm == m, means, 0.0), axis=0)
+                rstd = tl.sum(tl.where(rm == m, rstds, 0.0), axis=0)
+                h = tl.where(in_k, xm.to(tl.float32) - mean, 0.0) * rstd * gain + shift
+                xm = h.to(xm.dtype)
+            part = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
             acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
         w_ptrs += BLOCK_K
     return acc
@@ -227,22 +266,32 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
-    N, K, K1, stride_x, stride_x2, gelu_start,
-    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, ln_w_ptr, ln_b_ptr,
+    N, K, K1, stride_x, stride_x2, gelu_start, eps,
+    HAS_X2: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[:ROWS, cols] for the BLOCK_N columns of this program: ROWS = M (1..16, unrolled), BLOCK_M its power of 2.
     The weight tile [BLOCK_N, BLOCK_K] is read once per K step (the traffic that matters) and serves every row of x;
-    products and sums in fp32, one rounding at the store. With HAS_X2, x2 supplies the weight's columns K1..K-1."""
+    products and sums in fp32, one rounding at the store. With HAS_X2, x2 supplies the weight's columns K1..K-1.
+    With HAS_LN (no x2), x's rows are LayerNorm'd on the fly: each program computes their mean and rstd itself,
+    which spares the decode step a LayerNorm kernel (and its launch) before the GEMV."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     in_n = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, K1, 0, ROWS, BLOCK_K)
+    if HAS_LN:
+        means, rstds = _row_stats(x_ptr, stride_x, rm, K1, eps, ROWS, BLOCK_M, BLOCK_K)
+    else:
+        means = tl.zeros([BLOCK_M], tl.float32)
+        rstds = means
+    acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, K1, 0, ln_w_ptr, ln_b_ptr, means, rstds,
+                        HAS_LN, ROWS, BLOCK_K)
     if HAS_X2:
-        acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, K, K - K1, K1, ROWS, BLOCK_K)
+        acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, K, K - K1, K1, ln_w_ptr, ln_b_ptr, means,
+                            rstds, False, ROWS, BLOCK_K)
 
     # The tiled kernel's epilogue, on the [BLOCK_M, BLOCK_N] tile.
     if HAS_BIAS:
@@ -294,11 +343,15 @@ def gemm(
     config: GemmConfig | GemvConfig | str | None = None,
     gelu_start: int = 0,
     x2: torch.Tensor | None = None,
+    ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """act([x | x2] @ weight^T + bias) + residual, shapes in the module docstring.
 
     x: contiguous, or 2-D with contiguous rows at any row stride. x2 (optional, the same rules and leading shape
     as x) continues x along K: x [.., K1] and x2 [.., K - K1] are read in place, never concatenated.
+    ln = (ln_weight [K], ln_bias [K], eps) (without x2): the GEMM's input is layer_norm(x) (kernels/layer_norm.py's
+    numerics, rounded to x's dtype); the GEMV computes it on the fly for M <= LN_IN_GEMV_MAX_M, otherwise a
+    LayerNorm kernel runs first.
     config: None picks the kernel (use_gemv) and its tiles by shape; "gemv" / "gemm" force the GEMV (M <= 16 only)
     / the tiled kernel with tiles picked by shape; a GemvConfig / GemmConfig forces that kernel with those tiles.
     The activation applies to the output columns gelu_start..N-1 only (0 <= gelu_start <= N; N: none).
@@ -317,6 +370,14 @@ def gemm(
         if x2.shape[:-1] != x.shape[:-1] or x2.dim() == 0 or k1 + x2.shape[-1] != k:
             raise ValueError(f"x {tuple(x.shape)} and x2 {tuple(x2.shape)} must share their leading dims and their "
                              f"last dims must add up to weight's in_features {k} (weight {tuple(weight.shape)})")
+    if ln is not None:
+        if x2 is not None:
+            raise ValueError("ln (a LayerNorm of x) and x2 cannot be combined")
+        if not (isinstance(ln, tuple) and len(ln) == 3):
+            raise ValueError("ln must be a tuple (ln_weight, ln_bias, eps)")
+        check_tensor("ln_weight", ln[0], shape=(k,), device=x.device)
+        check_tensor("ln_bias", ln[1], shape=(k,), device=x.device)
+        check_same_dtype(x=x, ln_weight=ln[0], ln_bias=ln[1])
     m, stride_x = _rows("x", x, k1)
     stride_x2 = _rows("x2", x2, x2.shape[-1])[1] if x2 is not None else 0
     if bias is not None:
@@ -339,6 +400,11 @@ def gemm(
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
+    if ln is not None and (not gemv or m > LN_IN_GEMV_MAX_M):  # the GEMM reads a LayerNorm'd copy
+        from .layer_norm import layer_norm
+
+        x = layer_norm(x if x.is_contiguous() else x.contiguous(), ln[0], ln[1], ln[2])
+        stride_x, ln = k, None
     has_x2 = x2 is not None and k1 < k
     args = dict(
         x_ptr=x, x2_ptr=x2 if has_x2 else x, w_ptr=weight, bias_ptr=bias if bias is not None else x,
@@ -350,13 +416,16 @@ def gemm(
     if gemv:
         def run(gcfg: GemvConfig) -> None:
             _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
-                N=n, **args, ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+                N=n, **args, ln_w_ptr=ln[0] if ln else x, ln_b_ptr=ln[1] if ln else x,
+                eps=float(ln[2]) if ln else 0.0, HAS_LN=ln is not None,
+                ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
                 num_warps=gcfg.num_warps,
             )
 
         gcfg = config if isinstance(config, GemvConfig) else None
         if config is None and x.device.type == "cuda" and n * k >= TUNE_MIN_WEIGHTS and tuning_enabled():
-            flags = (("b", args["HAS_BIAS"]), ("g", args["GELU"]), ("r", args["HAS_RESIDUAL"]), ("2", has_x2))
+            flags = (("b", args["HAS_BIAS"]), ("g", args["GELU"]), ("r", args["HAS_RESIDUAL"]), ("2", has_x2),
+                     ("n", ln is not None))
             key = (("M", m), ("N", n), ("K", k), ("dtype", str(x.dtype).removeprefix("torch.")),
                    ("epilogue", "".join(f for f, on in flags if on) or "-"))
             if key in _tuned or not torch.cuda.is_current_stream_capturing():

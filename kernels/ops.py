@@ -44,6 +44,17 @@ def linear_split_gelu(
     return gemm(x, weight, bias, activation="gelu_tanh", gelu_start=gelu_start)
 
 
+def layer_norm_linear_split_gelu(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+    bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new",
+) -> torch.Tensor:
+    """linear_split_gelu(layer_norm(x)): the GEMV normalises x's rows itself (decode: no LayerNorm kernel); larger
+    M runs the LayerNorm kernel, then the tiled GEMM."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+    return gemm(x, weight, bias, activation="gelu_tanh", gelu_start=gelu_start, ln=(ln_weight, ln_bias, eps))
+
+
 def linear_residual(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:

@@ -100,6 +100,15 @@ def linear_split_gelu(
     return fallback_ops(x.device).linear_split_gelu(x, weight, bias, gelu_start, activation)
 
 
+def layer_norm_linear_split_gelu(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+    bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new",
+) -> torch.Tensor:
+    """linear_split_gelu(layer_norm(x)) as two launches: the fallback's LayerNorm, then the CUDA GEMV (which has no
+    LayerNorm prologue; the triton backend's GEMV has one)."""
+    return linear_split_gelu(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu_start, activation)
+
+
 def _residual_reason(x: torch.Tensor, n: int, residual: torch.Tensor) -> str | None:
     """None when the GEMV's residual epilogue takes this residual for output [x.shape[0], n], else why not."""
     if (residual.dtype == x.dtype and residual.device == x.device and residual.dim() == 2

@@ -237,14 +237,16 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         d, shape = c.n_embd, (-1, c.n_head, c.head_dim)
         x = self.transformer.wte(input_ids)  # [N, d]
         for layer, block in enumerate(self.transformer.h):
-            h = ops.layer_norm(x, block.ln_1.weight, block.ln_1.bias, c.layer_norm_epsilon)
+            ln_1 = (block.ln_1.weight, block.ln_1.bias, c.layer_norm_epsilon)
             if fused:  # two GEMMs a layer; rounding differs from HF's four, so the reference path stays unfused
                 w_in, b_in, w_out, b_out = fused[layer]
-                y = gemm.linear_split_gelu(h, w_in, b_in, 3 * d, c.activation_function)  # [N, 3d + d_ff]
+                # ln_1 inside the first GEMM where the backend can (the Triton GEMV): [N, 3d + d_ff]
+                y = gemm.layer_norm_linear_split_gelu(x, *ln_1, w_in, b_in, 3 * d, c.activation_function)
                 q, k, v = (y[:, i * d:(i + 1) * d].view(shape) for i in range(3))  # views: token stride 3d + d_ff
                 a = attention(q, k, v, meta, cache.k[layer], cache.v[layer], rope, c.rotary_dim)
                 x = gemm.linear_concat_residual(a.reshape(-1, d), y[:, 3 * d:], w_out, b_out, x)  # [a | m] in place
                 continue
+            h = ops.layer_norm(x, *ln_1)
             q = gemm.linear(h, block.attn.q_proj.weight).view(shape)  # [N, H, D]
             k = gemm.linear(h, block.attn.k_proj.weight).view(shape)
             v = gemm.linear(h, block.attn.v_proj.weight).view(shape)

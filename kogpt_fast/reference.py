@@ -57,6 +57,15 @@ def linear_split_gelu(
     return torch.cat([y[:, :gelu_start], act(y[:, gelu_start:])], dim=-1)
 
 
+def layer_norm_linear_split_gelu(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+    bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new",
+) -> torch.Tensor:
+    """linear_split_gelu(layer_norm(x)): GPT-J's fused input projection with the ln_1 before it, as one op so that a
+    kernel backend can normalise x inside the GEMV (the decode step then launches no LayerNorm kernel)."""
+    return linear_split_gelu(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu_start, activation)
+
+
 def linear_residual(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:

@@ -48,6 +48,13 @@ def linear_split_gelu(
     return y
 
 
+def layer_norm_linear_split_gelu(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+    bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new",
+) -> torch.Tensor:
+    return linear_split_gelu(reference.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu_start, activation)
+
+
 def _residual_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
     """addmm's beta term takes the residual as is: 2-D, the output's shape and dtype (else the reference's `+`)."""
     return (x.dim() == 2 and residual.dim() == 2 and residual.dtype == x.dtype

@@ -23,7 +23,8 @@ from bench.compiled_baseline import GPTJ, StaticCacheGenerator  # noqa: E402
 from bench.timing import MAX_COPIES, copies_for  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-REFERENCE_OPS = {"linear", "linear_gelu", "linear_split_gelu", "linear_concat_residual", "prefill_attention",
+REFERENCE_OPS = {"linear", "linear_gelu", "linear_split_gelu", "linear_concat_residual",
+                 "layer_norm_linear_split_gelu", "prefill_attention",
                  "decode_attention", "write_kv_cache", "layer_norm"}
 
 

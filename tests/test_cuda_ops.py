@@ -71,6 +71,9 @@ def test_cpu_tensors_fall_back_to_the_reference():
     for bias in (b, None):
         torch.testing.assert_close(cuda_ops.linear_residual(x, w, bias, r), reference.linear_residual(x, w, bias, r),
                                    rtol=0, atol=0)
+    g, beta = torch.randn(40), torch.randn(40)
+    torch.testing.assert_close(cuda_ops.layer_norm_linear_split_gelu(x, g, beta, 1e-5, w, b, 7),
+                               reference.layer_norm_linear_split_gelu(x, g, beta, 1e-5, w, b, 7), rtol=0, atol=0)
     x2 = torch.randn(3, 50)[:, 5:25]
     w2 = torch.randn(24, 60)
     torch.testing.assert_close(cuda_ops.linear_concat_residual(x, x2, w2, b, r),
@@ -81,8 +84,8 @@ def test_cpu_tensors_fall_back_to_the_reference():
 
 
 def test_ops_module_has_every_reference_op():
-    ops = ("layer_norm", "linear", "linear_gelu", "linear_split_gelu", "linear_residual", "linear_concat_residual",
-           "gelu_new",
+    ops = ("layer_norm", "linear", "linear_gelu", "linear_split_gelu", "layer_norm_linear_split_gelu",
+           "linear_residual", "linear_concat_residual", "gelu_new",
            "gelu_pytorch_tanh", "rope_table", "apply_rope", "write_kv_cache", "prefill_attention", "decode_attention")
     assert all(callable(getattr(cuda_ops, n)) for n in ops)
 

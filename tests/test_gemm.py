@@ -532,3 +532,78 @@ def test_tuner_at_kogpt_6b_decode_shapes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     check(1, 4096, 4096, torch.float16, activation=None)
     assert len(gemm.tuned_configs()) == 3
+
+
+# ---- LayerNorm inside the GEMV (the decode step's ln_1 + first fused GEMM, one kernel) ----
+
+def ln_inputs(m, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 * torch.randn(m, k, generator=g) + 0.5  # a mean and a spread the normalisation must remove
+    ln_w = 1.0 + 0.2 * torch.randn(k, generator=g)
+    ln_b = 0.1 * torch.randn(k, generator=g)
+    weight = torch.randn(n, k, generator=g) / k**0.5
+    bias = 0.5 * torch.randn(n, generator=g)
+    return [t.to(dtype).to(DEVICE) for t in (x, ln_w, ln_b, weight, bias)]
+
+
+def check_ln(m, n, k, gelu_start, dtype, config=None, seed=0, via_ops=False):
+    x, ln_w, ln_b, weight, bias = ln_inputs(m, n, k, dtype, seed)
+    eps = 1e-5
+    if via_ops:
+        got = ops.layer_norm_linear_split_gelu(x, ln_w, ln_b, eps, weight, bias, gelu_start)
+    else:
+        got = gemm.gemm(x, weight, bias, activation="gelu_tanh", config=config, gelu_start=gelu_start,
+                        ln=(ln_w, ln_b, eps))
+    assert got.dtype == dtype and got.shape == (m, n)
+    up = UP[dtype]
+    oracle = reference.layer_norm_linear_split_gelu(*(t.to(up) for t in (x, ln_w, ln_b)), eps, weight.to(up),
+                                                    bias.to(up), gelu_start)
+    assert_within_reference_error(
+        got, oracle, reference.layer_norm_linear_split_gelu(x, ln_w, ln_b, eps, weight, bias, gelu_start), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["gemv", gemm.GemvConfig(4, 128), "gemm"], ids=["gemv", "gemv_4x128", "gemm"])
+@pytest.mark.parametrize("m", [1, 2, 16])  # 16: beyond LN_IN_GEMV_MAX_M, a LayerNorm kernel first
+def test_layer_norm_inside_the_gemm(m, config, dtype):
+    """K = 300: several K steps of 128 (the last partial) for the statistics and the products."""
+    check_ln(m, 37, 300, 19, dtype, config=config, seed=m)
+
+
+@pytest.mark.parametrize("m", [3, 16])
+def test_layer_norm_inside_the_gemv_for_every_row_count(m, monkeypatch):
+    """The GEMV's LayerNorm prologue is written for any ROWS; used only up to LN_IN_GEMV_MAX_M, checked at all."""
+    monkeypatch.setattr(gemm, "LN_IN_GEMV_MAX_M", gemm.GEMV_MAX_M)
+    check_ln(m, 37, 300, 19, torch.float16, config=gemm.GemvConfig(8, 128), seed=m)
+
+
+def test_layer_norm_linear_split_gelu_op():
+    check_ln(5, 96, 64, 37, torch.float32, via_ops=True)
+    check_ln(40, 96, 64, 37, torch.float32, via_ops=True)  # M > 16 on the GPU: LayerNorm kernel, tiled GEMM
+    x, ln_w, ln_b, weight, bias = ln_inputs(2, 40, 32, torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        ops.layer_norm_linear_split_gelu(x, ln_w, ln_b, 1e-5, weight, bias, 3, "relu")
+    with pytest.raises(ValueError, match="ln_weight must have shape"):
+        gemm.gemm(x, weight, ln=(ln_w[:3], ln_b, 1e-5))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        gemm.gemm(x[:, :16], weight, x2=x[:, 16:], ln=(ln_w, ln_b, 1e-5))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_layer_norm_inside_the_gemm_at_kogpt_6b_shape(m, dtype):
+    check_ln(m, 3 * 4096 + 16384, 4096, 3 * 4096, dtype, seed=m)
+
+
+def test_decode_sized_ln_gemv_launches_no_layer_norm_kernel(monkeypatch):
+    """M <= LN_IN_GEMV_MAX_M: the GEMV normalises by itself (the LayerNorm kernel is not called); beyond: it is."""
+    layer_norm_module = backends.triton_kernels("layer_norm")
+    calls = []
+    original = layer_norm_module.layer_norm
+    monkeypatch.setattr(layer_norm_module, "layer_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    check_ln(gemm.LN_IN_GEMV_MAX_M, 37, 300, 19, torch.float32, config="gemv")
+    assert calls == []
+    check_ln(gemm.LN_IN_GEMV_MAX_M + 1, 37, 300, 19, torch.float32, config="gemv")
+    assert calls == [1]

@@ -91,7 +91,8 @@ def test_prefill_gemms_on_torch_give_the_same_greedy_tokens(pair, fused, monkeyp
     ids, mask = left_padded_batch([6, 2, 11], hf.config.vocab_size, pad=hf.config.eos_token_id, seed=6)
     expected = hf_greedy(hf, ids, mask, max_new_tokens=NEW_TOKENS)
     calls = []
-    for name in ("linear", "linear_gelu", "linear_split_gelu", "linear_concat_residual"):
+    for name in ("linear", "linear_gelu", "layer_norm_linear_split_gelu", "linear_split_gelu",
+                 "linear_concat_residual"):
         original = getattr(torch_gemm, name)
         monkeypatch.setattr(torch_gemm, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     ours.fuse_projections, ours.prefill_gemm = fused, "torch"
@@ -102,7 +103,7 @@ def test_prefill_gemms_on_torch_give_the_same_greedy_tokens(pair, fused, monkeyp
     assert_same_tokens(expected, got, ids.shape[1])
     layers = hf.config.n_layer
     if fused:  # the prefill step only: 2 GEMMs a layer
-        assert calls == ["linear_split_gelu", "linear_concat_residual"] * layers
+        assert calls == ["layer_norm_linear_split_gelu", "linear_split_gelu", "linear_concat_residual"] * layers
     else:  # q, k, v, out_proj, fc_in, fc_out
         assert calls == (["linear"] * 4 + ["linear_gelu", "linear"]) * layers
 
