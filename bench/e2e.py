@@ -28,9 +28,9 @@ HF_EAGER, HF_SDPA, COMPILED = "hf-eager", "hf-sdpa", "pytorch-compiled"
 STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off (CPU, or --no-compile)
 
 
-def kogpt_name(backend: str, prefill_gemm: str = "kernel") -> str:
+def kogpt_name(backend: str, prefill_path: str = "kernel") -> str:
     # No comma in a name: --systems takes a comma-separated list of them.
-    return f"kogpt-fast[{backend}]" if prefill_gemm == "kernel" else f"kogpt-fast[{backend}]+{prefill_gemm}-prefill-gemm"
+    return f"kogpt-fast[{backend}]" if prefill_path == "kernel" else f"kogpt-fast[{backend}]+{prefill_path}-prefill"
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -84,14 +84,14 @@ class System:
 
 
 class KoGPTSystem(System):
-    def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_gemm: str = "kernel"):
+    def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_path: str = "kernel"):
         from kogpt_fast.model import KoGPTForCausalLM
 
         self.model = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
-        self.model.prefill_gemm = prefill_gemm
-        self.name = kogpt_name(backend, prefill_gemm)
-        self.info = {"backend": backend, "prefill_gemm": prefill_gemm}
-        if prefill_gemm != "kernel":
+        self.model.prefill_path = prefill_path
+        self.name = kogpt_name(backend, prefill_path)
+        self.info = {"backend": backend, "prefill_path": prefill_path}
+        if prefill_path != "kernel":
             self.kinds = frozenset({"ttft"})  # it differs from the kernel system in the prefill only
 
     def generate(self, ids, n):
@@ -150,8 +150,8 @@ class SystemSpec:
 
 
 def system_specs(config, weights, backends: list[str], wanted: set[str] | None, compile: bool) -> list[SystemSpec]:
-    """kogpt-fast on each backend (and, on the fastest kernel backend, with the prefill's GEMMs on torch's matmul,
-    for time to first token), HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
+    """kogpt-fast on each backend (and, on the fastest kernel backend, with the prefill on cuBLAS and SDPA through
+    torch, for time to first token), HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
     specs = [SystemSpec(kogpt_name(b), lambda b=b: KoGPTSystem(config, weights, b)) for b in backends]
     kernel_backends = [b for b in ("cuda", "triton") if b in backends]
     if kernel_backends:

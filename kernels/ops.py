@@ -2,7 +2,8 @@
 
 GPT-J's fusions are the GEMM's epilogues: linear_split_gelu (GELU from a column on) and linear_residual /
 linear_concat_residual (the residual added; the latter reads its input from two tensors).
-The model calls these through kogpt_fast.backends.get_ops("triton", device). rope_table is the reference's (it
+The model calls these through kogpt_fast.backends.get_ops("triton", device); apply_rope and write_kv_cache serve
+kogpt_fast.torch_prefill (RoPE and the cache write before SDPA). rope_table is the reference's (it
 is computed once per model, on the host side of the work).
 """
 from __future__ import annotations
@@ -13,8 +14,10 @@ from kogpt_fast.reference import rope_table  # noqa: F401  (part of the ops inte
 
 from .decode_attention import decode_attention  # noqa: F401
 from .gemm import gemm
+from .kv_cache_write import write_kv_cache  # noqa: F401
 from .layer_norm import layer_norm  # noqa: F401
 from .prefill_attention import prefill_attention  # noqa: F401
+from .rope import apply_rope  # noqa: F401
 
 # Both spellings HF uses for GPT-J's tanh-approximated GELU compute the same function.
 GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")

@@ -66,3 +66,43 @@ def check_rope(rope: torch.Tensor, rotary_dim: int, head_dim: int, device: torch
             f"rope table must be a contiguous float32 tensor on {device}, got {rope.dtype} on {rope.device}"
             f"{'' if rope.is_contiguous() else ' (not contiguous)'}"
         )
+
+
+@triton.jit
+def _apply_rope_kernel(
+    x_ptr, out_ptr, pos_ptr, rope_ptr,
+    N, H, D, stride_xt, stride_xh,
+    ROTARY_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    in_n = tokens < N
+    mask = in_n[:, None] & (d < D)[None, :]
+    tokens64 = tokens.to(tl.int64)[:, None]
+    pos = tl.load(pos_ptr + tokens, mask=in_n, other=0).to(tl.int64)[:, None]
+    x = load_rotated(x_ptr + tokens64 * stride_xt + head * stride_xh + d[None, :], d[None, :], pos, mask, rope_ptr,
+                     ROTARY_DIM)
+    tl.store(out_ptr + (tokens64 * H + head) * D + d[None, :], x, mask=mask)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """reference.apply_rope: x [N, H, D] (last two dims contiguous, any token stride), positions [N] ->
+    a new contiguous [N, H, D], each rotated element bit for bit the reference's (see the module docstring)."""
+    from .checks import check_interpretable, check_tensor
+
+    check_tensor("x", x, dim=3, contiguous="rows")
+    n, h, d = x.shape
+    check_interpretable(x.dtype, x.device)
+    check_tensor("positions", positions, shape=(n,), dtypes=(torch.int64, torch.int32), device=x.device)
+    check_rope(table, rotary_dim, d, x.device)
+    out = torch.empty((n, h, d), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block_t = 4 if x.device.type == "cuda" else 64  # the interpreter's cost is per program
+    _apply_rope_kernel[(triton.cdiv(n, block_t), h)](
+        x, out, positions, table if rotary_dim else x, n, h, d, x.stride(0), x.stride(1),
+        ROTARY_DIM=rotary_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d),
+        enable_fp_fusion=fp_fusion_ok(x.dtype),
+    )
+    return out

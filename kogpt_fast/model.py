@@ -23,7 +23,7 @@ from .generation import GenerationMixin
 from .kv_cache import PagedKVCache, StepMetadata
 
 
-PREFILL_GEMMS = ("kernel", "torch")  # KoGPTForCausalLM.prefill_gemm
+PREFILL_PATHS = ("kernel", "torch")  # KoGPTForCausalLM.prefill_path
 
 
 class Attention(nn.Module):
@@ -77,9 +77,9 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         # GPT-J's two fused GEMMs (see fused()); None: on for the kernel backends in fp16/bf16.
         self.fuse_projections: bool | None = None
         self.use_cuda_graph = True  # decode steps replay as CUDA graphs where decode.graphs_enabled allows
-        # Where the projections of prefill steps run: "kernel" (the backend's GEMM) or "torch" (torch's matmul, cuBLAS
-        # on a GPU, epilogues as torch ops: kogpt_fast.torch_gemm). Decode steps always use the backend's GEMV.
-        self.prefill_gemm = "kernel"
+        # Where the prefill steps' projections and attention run: "kernel" (the backend's) or "torch" (cuBLAS and
+        # SDPA through torch: kogpt_fast.torch_prefill). Decode steps always run on the backend's kernels.
+        self.prefill_path = "kernel"
         self._rope: torch.Tensor | None = None
         self._fused: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._decode_steps: dict[int, DecodeStep] = {}
@@ -225,10 +225,12 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         ops, c = self.ops(), self.config
         attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         gemm = ops  # the projections' ops
-        if self.prefill_gemm not in PREFILL_GEMMS:
-            raise ValueError(f"prefill_gemm={self.prefill_gemm!r} is not one of {PREFILL_GEMMS}")
-        if meta.is_prefill and self.prefill_gemm == "torch" and self.backend() != "torch":
-            from . import torch_gemm as gemm
+        if self.prefill_path not in PREFILL_PATHS:
+            raise ValueError(f"prefill_path={self.prefill_path!r} is not one of {PREFILL_PATHS}")
+        if meta.is_prefill and self.prefill_path == "torch" and self.backend() != "torch":
+            from . import torch_prefill as gemm
+
+            attention = gemm.prefill_attention
         rope = self.rope()
         if self.fused():
             fused = self.fused_weights()

@@ -146,16 +146,16 @@ def test_weight_bytes_per_token_skip_the_embedding_and_count_shared_tensors_once
     assert e2e.attach_floor(records, weights, None) is None
 
 
-def test_kernel_backends_get_a_prefill_gemm_variant_for_ttft_only():
+def test_kernel_backends_get_a_prefill_path_variant_for_ttft_only():
     from bench import e2e
     from kogpt_fast.config import GPTJConfig
 
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch", "triton", "cuda"], None, False)]
-    assert "kogpt-fast[cuda]+torch-prefill-gemm" in names and "kogpt-fast[triton]+torch-prefill-gemm" not in names
+    assert "kogpt-fast[cuda]+torch-prefill" in names and "kogpt-fast[triton]+torch-prefill" not in names
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch"], None, False)]
-    assert not any("prefill-gemm" in n for n in names)
+    assert not any("torch-prefill" in n for n in names)
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["triton"], {"kogpt"}, False)]
-    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton]+torch-prefill-gemm"]
+    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton]+torch-prefill"]
 
 
 def test_report_of_an_earlier_run(smoke, capsys):

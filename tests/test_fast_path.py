@@ -53,9 +53,10 @@ def kogpt6b():
     return config, weights, HFSystem(config, weights, "eager").model
 
 
-# prefill_gemm "torch": the prompt's projections on cuBLAS (kogpt_fast.torch_gemm), decode on the kernels.
-@pytest.mark.parametrize("backend, prefill_gemm", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
-def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend, prefill_gemm):
+# prefill_path "torch": the prompt's projections on cuBLAS and its attention on SDPA (kogpt_fast.torch_prefill),
+# decode on the kernels.
+@pytest.mark.parametrize("backend, prefill_path", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
+def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend, prefill_path):
     config, weights, hf = kogpt6b
     device = torch.device("cuda")
     if backends.unavailable_reason(backend, device) is not None:
@@ -66,7 +67,7 @@ def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend, prefill_gemm):
                           do_sample=False, pad_token_id=1, output_logits=True, return_dict_in_generate=True)
     hf_logits = torch.stack(out.logits, dim=1)[0].float()  # [NEW, vocab]
     ours = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
-    ours.prefill_gemm = prefill_gemm
+    ours.prefill_path = prefill_path
     assert ours.fused() and ours.backend() == backend
     got = teacher_forced_logits(ours, out.sequences, PROMPT)
     top2 = hf_logits.topk(2).values

@@ -120,3 +120,22 @@ def test_write_column_slices_kogpt_6b_shapes(dtype):
     t["k"], t["v"] = as_column_slices(t["k"], t["v"])
     kv_cache_write.write_kv_cache(**t, rotary_dim=64)
     assert torch.equal(t["v_cache"], expected_v) and torch.equal(t["k_cache"], expected_k)
+
+
+# ---- apply_rope on its own (the torch prefill path rotates q and k with it before SDPA) ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim, rotary_dim", [(256, 64), (32, 16), (80, 80), (64, 2)])
+def test_apply_rope_equals_the_reference_bitwise(head_dim, rotary_dim, dtype):
+    """x as a column slice of a wider buffer (token stride > H * D), positions out of order."""
+    rope_kernels = backends.triton_kernels("rope")
+    g = torch.Generator().manual_seed(head_dim + rotary_dim)
+    n, h = 37, 3
+    wide = torch.randn(n, h * head_dim + 24, generator=g).to(dtype).to(DEVICE)
+    x = wide[:, 8:8 + h * head_dim].view(n, h, head_dim)
+    positions = torch.randint(0, 2048, (n,), generator=g).to(DEVICE)
+    table = reference.rope_table(2048, rotary_dim).to(DEVICE)
+    got = rope_kernels.apply_rope(x, positions, table, rotary_dim)
+    assert got.is_contiguous() and got.shape == x.shape
+    assert torch.equal(got, reference.apply_rope(x, positions, table, rotary_dim))
+    assert backends.triton_kernels("ops").apply_rope is rope_kernels.apply_rope

@@ -65,7 +65,8 @@ def column_slices(q, k, v, extra=40):
     return views
 
 
-def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, seed=0, strided=False):
+def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, seed=0, strided=False, op=None):
+    """op: the implementation under test (default the Triton kernel with `config`)."""
     (q, k, v), meta, (k_cache, v_cache) = packed_prefill(lens, n_head, head_dim, block_size, dtype, seed)
     if strided:
         q, k, v = column_slices(q, k, v)
@@ -76,7 +77,10 @@ def check(lens, n_head, head_dim, rotary_dim, block_size, dtype, config=None, se
     oracle = reference.prefill_attention(
         q.to(up), k.to(up), v.to(up), meta, k_cache.to(up), v_cache.to(up), rope, rotary_dim
     )
-    got = prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim, config=config)
+    if op is None:
+        got = prefill.prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim, config=config)
+    else:
+        got = op(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
     assert got.is_contiguous()
     assert torch.equal(v_cache, expected_v), "values in the cache differ from the reference"
     assert torch.equal(k_cache, expected_k), "rotated keys in the cache differ from the reference"
@@ -113,6 +117,17 @@ def test_prefill_column_slices_of_a_wider_buffer(dtype):
 
 def test_prefill_column_slices_other_geometry():
     check([5, 19], 3, 80, 80, 16, torch.float32, config=SMALL_TILES, seed=12, strided=True)
+
+
+# kogpt_fast.torch_prefill's attention (model.prefill_path = "torch"): RoPE and the cache write on the Triton
+# kernels, the attention on torch's SDPA, sequence by sequence; the same checks.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "column_slices"])
+def test_torch_prefill_attention(strided, dtype):
+    from kogpt_fast import torch_prefill
+
+    check([1, 7, 33, 130], 2, 256, 64, 8, dtype, seed=21, strided=strided, op=torch_prefill.prefill_attention)
+    check([5, 19], 3, 80, 80, 16, dtype, seed=22, strided=strided, op=torch_prefill.prefill_attention)
 
 
 def test_ops_module_runs_the_kernel():
@@ -161,3 +176,12 @@ def test_prefill_column_slices_on_gpu(dtype):
 @needs_cuda
 def test_prefill_fp32_on_gpu():
     check([1, 7, 33, 300], 4, 256, 64, 16, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_torch_prefill_attention_kogpt_6b_shape(dtype):
+    from kogpt_fast import torch_prefill
+
+    check([2047], 16, 256, 64, 16, dtype, seed=23, strided=True, op=torch_prefill.prefill_attention)

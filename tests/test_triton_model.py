@@ -82,40 +82,42 @@ def test_fused_gemms_on_triton_give_the_same_greedy_tokens(pair):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_prefill_gemms_on_torch_give_the_same_greedy_tokens(pair, fused, monkeypatch):
-    """prefill_gemm="torch": the prefill's projections on torch's matmul (kogpt_fast.torch_gemm), decode on the
-    kernels; the cache the prefill leaves is the decode's input, so the later tokens check it too."""
-    from kogpt_fast import torch_gemm
+def test_torch_prefill_gives_the_same_greedy_tokens(pair, fused, monkeypatch):
+    """prefill_path="torch": the prefill's projections on torch's matmul and its attention on SDPA
+    (kogpt_fast.torch_prefill), decode on the kernels; the cache the prefill leaves is the decode's input, so the
+    later tokens check it too."""
+    from kogpt_fast import torch_prefill
 
     hf, ours = pair
     ids, mask = left_padded_batch([6, 2, 11], hf.config.vocab_size, pad=hf.config.eos_token_id, seed=6)
     expected = hf_greedy(hf, ids, mask, max_new_tokens=NEW_TOKENS)
     calls = []
     for name in ("linear", "linear_gelu", "layer_norm_linear_split_gelu", "linear_split_gelu",
-                 "linear_concat_residual"):
-        original = getattr(torch_gemm, name)
-        monkeypatch.setattr(torch_gemm, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    ours.fuse_projections, ours.prefill_gemm = fused, "torch"
+                 "linear_concat_residual", "prefill_attention"):
+        original = getattr(torch_prefill, name)
+        monkeypatch.setattr(torch_prefill, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ours.fuse_projections, ours.prefill_path = fused, "torch"
     try:
         got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
     finally:
-        ours.fuse_projections, ours.prefill_gemm = None, "kernel"
+        ours.fuse_projections, ours.prefill_path = None, "kernel"
     assert_same_tokens(expected, got, ids.shape[1])
     layers = hf.config.n_layer
-    if fused:  # the prefill step only: 2 GEMMs a layer
-        assert calls == ["layer_norm_linear_split_gelu", "linear_split_gelu", "linear_concat_residual"] * layers
-    else:  # q, k, v, out_proj, fc_in, fc_out
-        assert calls == (["linear"] * 4 + ["linear_gelu", "linear"]) * layers
+    if fused:  # the prefill step only: 2 GEMMs and the attention a layer
+        layer = ["layer_norm_linear_split_gelu", "linear_split_gelu", "prefill_attention", "linear_concat_residual"]
+    else:  # q, k, v, attention, out_proj, fc_in, fc_out
+        layer = ["linear"] * 3 + ["prefill_attention", "linear", "linear_gelu", "linear"]
+    assert calls == layer * layers
 
 
-def test_bad_prefill_gemm_raises(pair):
+def test_bad_prefill_path_raises(pair):
     _, ours = pair
-    ours.prefill_gemm = "cublas"
+    ours.prefill_path = "cublas"
     try:
-        with pytest.raises(ValueError, match="prefill_gemm='cublas' is not one of"):
+        with pytest.raises(ValueError, match="prefill_path='cublas' is not one of"):
             ours.generate(torch.tensor([[3, 4]], device=DEVICE), max_new_tokens=1)
     finally:
-        ours.prefill_gemm = "kernel"
+        ours.prefill_path = "kernel"
 
 
 # Backend choice (kogpt_fast.backends): the triton backend where it can run, torch by default on the CPU.
@@ -178,8 +180,8 @@ def test_greedy_equals_hf_on_gpu_fp32_longer(pair):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend, prefill_gemm", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
-def test_demo_checkpoint_fp16_equals_hf_fp16_eager(backend, prefill_gemm):
+@pytest.mark.parametrize("backend, prefill_path", [("triton", "kernel"), ("cuda", "kernel"), ("cuda", "torch")])
+def test_demo_checkpoint_fp16_equals_hf_fp16_eager(backend, prefill_path):
     """20 prompts x 64 new tokens, one at a time (no padding), fp16, on the fast path (fused GEMMs, CUDA-graph
     decode) of each kernel backend: the issues' acceptance check."""
     from transformers import GPTJForCausalLM
@@ -191,7 +193,7 @@ def test_demo_checkpoint_fp16_equals_hf_fp16_eager(backend, prefill_gemm):
     path = demo_model_path()
     hf = GPTJForCausalLM.from_pretrained(path, dtype=torch.float16, attn_implementation="eager").to(DEVICE)
     ours = KoGPTForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.float16, backend=backend)
-    ours.prefill_gemm = prefill_gemm
+    ours.prefill_path = prefill_path
     assert ours.fused() and ours.backend() == backend
     g = torch.Generator().manual_seed(0)
     differing = []

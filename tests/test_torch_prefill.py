@@ -1,4 +1,5 @@
-"""kogpt_fast.torch_gemm (the prefill GEMMs on torch's matmul) against kogpt_fast.reference, op by op.
+"""kogpt_fast.torch_prefill's GEMMs (the prefill on torch's matmul) against kogpt_fast.reference, op by op. Its
+attention is checked with the Triton kernel's in tests/test_prefill_attention.py.
 
 Tolerance: the error against the reference one precision up is at most twice the reference's own error in the
 input dtype plus a few ulps (tests/tolerance.py). On a GPU the same checks run on cuBLAS, at KoGPT-6B's prefill
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kogpt_fast import reference, torch_gemm
+from kogpt_fast import reference, torch_prefill
 from tolerance import UP, assert_within_reference_error
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -23,8 +24,8 @@ def tensors(device, dtype, *shapes, seed=0):
 
 
 def check(op: str, args: list, dtype, *extra):
-    """op(*args, *extra) on torch_gemm against the reference in dtype and one precision up."""
-    got = getattr(torch_gemm, op)(*args, *extra)
+    """op(*args, *extra) on torch_prefill against the reference in dtype and one precision up."""
+    got = getattr(torch_prefill, op)(*args, *extra)
     up = [a.to(UP[dtype]) if isinstance(a, torch.Tensor) else a for a in args]
     oracle = getattr(reference, op)(*up, *extra)
     assert got.dtype == dtype and got.shape == oracle.shape
@@ -45,6 +46,8 @@ def test_ops_against_the_reference(m, dtype, device):
         check("linear_split_gelu", [x, w, b], dtype, gelu_start)
     check("linear_residual", [x, w, b, r], dtype)
     check("linear_residual", [x, w, None, r], dtype)
+    g, beta = tensors(device, dtype, (k,), (k,), seed=m + 1)
+    check("layer_norm_linear_split_gelu", [x, g, beta, 1e-5, w, b], dtype, 37)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,7 +63,7 @@ def test_concat_residual_reads_both_pieces(k1, k2, dtype, device):
 
 def test_split_gelu_leaves_the_columns_before_gelu_start_alone():
     x, w, b = tensors("cpu", torch.float32, (5, 24), (40, 24), (40,))
-    torch.testing.assert_close(torch_gemm.linear_split_gelu(x, w, b, 17)[:, :17], reference.linear(x, w, b)[:, :17],
+    torch.testing.assert_close(torch_prefill.linear_split_gelu(x, w, b, 17)[:, :17], reference.linear(x, w, b)[:, :17],
                                rtol=0, atol=0)
 
 
@@ -72,7 +75,7 @@ def test_other_residuals_follow_the_references_rules():
     for other in (r.double(), r[:1]):
         for op, args in (("linear_residual", [x, w, b, other]), ("linear_concat_residual", [x, x2, w2, b, other])):
             expected = getattr(reference, op)(*args)
-            got = getattr(torch_gemm, op)(*args)
+            got = getattr(torch_prefill, op)(*args)
             assert got.dtype == expected.dtype and got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -81,7 +84,7 @@ def test_bad_activation_raises():
     x, w, b = tensors("cpu", torch.float32, (2, 8), (4, 8), (4,))
     for op, extra in (("linear_gelu", ()), ("linear_split_gelu", (2,))):
         with pytest.raises(ValueError, match="activation 'relu'"):
-            getattr(torch_gemm, op)(x, w, b, *extra, "relu")
+            getattr(torch_prefill, op)(x, w, b, *extra, "relu")
 
 
 @pytest.mark.gpu
