@@ -84,21 +84,39 @@ class System:
 
 
 class KoGPTSystem(System):
-    def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_path: str = "kernel"):
+    """kogpt-fast with one backend and prefill path. The kogpt-fast systems of a run share one model (`shared`, a
+    dict holding it once built): the fused GEMM weights are a copy of the checkpoint's (11 GB for KoGPT-6B), so one
+    model per system would hold one copy each; each system sets the model's backend and prefill path before it
+    runs, and drops the decode graphs the previous one captured with its kernels."""
+
+    def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_path: str = "kernel",
+                 shared: dict | None = None):
         from kogpt_fast.model import KoGPTForCausalLM
 
-        self.model = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
-        self.model.prefill_path = prefill_path
+        shared = {} if shared is None else shared
+        if "model" not in shared:
+            shared["model"] = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
+        self.model = shared["model"]
+        self.backend, self.prefill_path = backend, prefill_path
+        self._select()
         self.name = kogpt_name(backend, prefill_path)
         self.info = {"backend": backend, "prefill_path": prefill_path}
         if prefill_path != "kernel":
             self.kinds = frozenset({"ttft"})  # it differs from the kernel system in the prefill only
 
+    def _select(self) -> None:
+        model = self.model
+        if (model.backend_name, model.prefill_path) != (self.backend, self.prefill_path):
+            model.backend_name, model.prefill_path = self.backend, self.prefill_path
+            model.kv_cache, model._decode_steps = None, {}  # graphs of the other backend's kernels
+        model.backend()  # raises BackendUnavailable here, at build time, for a backend that cannot run
+
     def generate(self, ids, n):
+        self._select()
         return self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def release(self):
-        self.model.kv_cache = None
+        self.model.kv_cache, self.model._decode_steps = None, {}
 
 
 class HFSystem(System):
@@ -152,11 +170,13 @@ class SystemSpec:
 def system_specs(config, weights, backends: list[str], wanted: set[str] | None, compile: bool) -> list[SystemSpec]:
     """kogpt-fast on each backend (and, on the fastest kernel backend, with the prefill on cuBLAS and SDPA through
     torch, for time to first token), HF eager and sdpa, the compiled baseline; `wanted` filters by name or family."""
-    specs = [SystemSpec(kogpt_name(b), lambda b=b: KoGPTSystem(config, weights, b)) for b in backends]
+    shared: dict = {}  # one kogpt-fast model for all its systems
+    specs = [SystemSpec(kogpt_name(b), lambda b=b: KoGPTSystem(config, weights, b, shared=shared)) for b in backends]
     kernel_backends = [b for b in ("cuda", "triton") if b in backends]
     if kernel_backends:
         b = kernel_backends[0]
-        specs.append(SystemSpec(kogpt_name(b, "torch"), lambda: KoGPTSystem(config, weights, b, "torch")))
+        specs.append(SystemSpec(kogpt_name(b, "torch"),
+                                lambda: KoGPTSystem(config, weights, b, "torch", shared=shared)))
     specs += [
         SystemSpec(HF_EAGER, lambda: HFSystem(config, weights, "eager")),
         SystemSpec(HF_SDPA, lambda: HFSystem(config, weights, "sdpa")),

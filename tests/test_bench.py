@@ -219,3 +219,23 @@ def test_compiled_baseline_gives_hf_greedy_tokens(name, one_thread):
         got = generator.generate(ids, 12)
         assert len(set(expected[:, prompt_len:].flatten().tolist())) > 2, "reference output is degenerate"
         assert torch.equal(got, expected), (expected[:, prompt_len:].tolist(), got[:, prompt_len:].tolist())
+
+
+def test_kogpt_systems_share_one_model_and_switch_it():
+    """The kogpt-fast systems of a run share one model (one copy of the fused weights); each selects its backend
+    and prefill path before it runs, dropping the decode graphs of the previous one."""
+    from bench import e2e
+
+    weights = e2e.random_weights(run.TINY, torch.device("cpu"), torch.float32)
+    shared: dict = {}
+    first = e2e.KoGPTSystem(run.TINY, weights, "torch", shared=shared)
+    second = e2e.KoGPTSystem(run.TINY, weights, "torch", "torch", shared=shared)
+    assert first.model is second.model and second.kinds == {"ttft"}
+    ids = torch.randint(2, run.TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = first.generate(ids, 4)
+    assert first.model.prefill_path == "kernel"
+    first.model._decode_steps[99] = "a graph of the other backend"
+    assert torch.equal(second.generate(ids, 4), out)  # on the torch backend the prefill path changes nothing
+    assert second.model.prefill_path == "torch" and 99 not in second.model._decode_steps
+    second.release()
+    assert second.model.kv_cache is None and second.model._decode_steps == {}
