@@ -6,6 +6,7 @@ generate() uses.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def test_kogpt6b_shape_teacher_forced_argmax(kogpt6b, backend, prefill_path):
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
                           do_sample=False, pad_token_id=1, output_logits=True, return_dict_in_generate=True)
     hf_logits = torch.stack(out.logits, dim=1)[0].float()  # [NEW, vocab]
+    gc.collect()  # the previous case's model (its fused weights are an 11 GB copy) is garbage in a reference cycle
+    torch.cuda.empty_cache()
     ours = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
     ours.prefill_path = prefill_path
     assert ours.fused() and ours.backend() == backend
