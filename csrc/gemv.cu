@@ -10,6 +10,11 @@
 // for all M rows of x (x stays in L1/L2), accumulates in fp32, reduces across the warp with shuffles and applies
 // the epilogue in registers. No shared memory and no block-wide barrier: a CTA is 8 independent warps.
 // Split-K is not used: KoGPT's smallest weight (4096 x 4096) already gives 2048 warps of 8-16 KB each.
+//
+// LayerNorm prologue (kogpt_gemv_ln_split_gelu, M <= 2): the GEMV's input is layer_norm(x). The CTA computes each
+// row's mean and rstd (the mean, then the mean of squared deviations, in fp32: kernels/layer_norm.py's numerics)
+// with one barrier-separated reduction, and every warp normalises the x vectors it loads, rounded to T as a
+// LayerNorm kernel would write them. It spares the decode step the LayerNorm launch before GPT-J's first GEMV.
 #include <math.h>
 
 #include "common.cuh"
@@ -30,7 +35,44 @@ struct GemvParams {
     void* out; int64_t out_stride;
     int activation;
     int gelu_start;  // the activation applies to columns n >= gelu_start
+    const void* ln_weight; const void* ln_bias; float eps;  // the LayerNorm prologue (kLN): x1 only, K2 = 0
 };
+
+constexpr int kLNMaxRows = 2;  // rows the LayerNorm prologue handles
+
+// Mean and rstd of x's first M rows over K (M <= kLNMaxRows), reduced over the CTA; every thread gets them.
+template <typename T> __device__ void row_stats(const GemvParams& p, float* mean, float* rstd) {
+    __shared__ float partial[kLNMaxRows][kWarps];
+    const T* x = static_cast<const T*>(p.x1);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int pass = 0; pass < 2; ++pass) {  // 0: sum (for the mean), 1: sum of squared deviations
+#pragma unroll
+        for (int m = 0; m < kLNMaxRows; ++m) {
+            float s = 0.f;
+            if (m < p.M) {
+                for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
+                    const float v = to_float<T>(x[(int64_t)m * p.x1_stride + k]);
+                    s += pass == 0 ? v : (v - mean[m]) * (v - mean[m]);
+                }
+            }
+            s = warp_sum(s);
+            if (lane == 0) partial[m][warp] = s;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < kLNMaxRows; ++m) {
+            float total = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) total += partial[m][w];
+            if (pass == 0) {
+                mean[m] = total / p.K;
+            } else {
+                rstd[m] = rsqrtf(total / p.K + p.eps);
+            }
+        }
+        __syncthreads();  // partial is rewritten by the next pass
+    }
+}
 
 __device__ __forceinline__ float gelu_tanh(float x) {
     // HF's gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
@@ -38,16 +80,22 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 // kM: rows of x handled per launch (M <= kM); kVec: elements per weight load (16 bytes, or 1 for the
-// scalar fallback when K or the pointers are not aligned to 16 bytes).
-template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
+// scalar fallback when K or the pointers are not aligned to 16 bytes); kLN: the LayerNorm prologue (kM <= 2).
+template <typename T, int kM, int kVec, bool kLN = false>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
+    static_assert(!kLN || kM <= kLNMaxRows, "the LayerNorm prologue handles at most kLNMaxRows rows");
     constexpr int kRows = kM >= 8 ? 4 : 2;     // weight rows per warp: more rows amortise the x loads at large M
     constexpr int kUnroll = kM >= 8 ? 2 : 4;   // loads per row in flight; fewer at large M to bound registers
     const int lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
+    float mean[kLNMaxRows] = {}, rstd[kLNMaxRows] = {};
+    if constexpr (kLN) row_stats<T>(p, mean, rstd);  // every warp takes part (barriers), before any returns
     if (row0 >= p.N) return;
     const T* weight = static_cast<const T*>(p.weight);
     const T* x1 = static_cast<const T*>(p.x1);
     const T* x2 = static_cast<const T*>(p.x2);
+    const T* ln_weight = static_cast<const T*>(p.ln_weight);
+    const T* ln_bias = static_cast<const T*>(p.ln_bias);
 
     float acc[kM][kRows] = {};
     for (int k0 = lane * kVec; k0 < p.K; k0 += 32 * kVec * kUnroll) {
@@ -73,11 +121,20 @@ template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps
             const bool first = k < p.K1;
             const T* xk = first ? x1 + k : x2 + (k - p.K1);
             const int64_t x_stride = first ? p.x1_stride : p.x2_stride;
+            float gain[kVec], shift[kVec];
+            if constexpr (kLN) {
+                load_floats<T, kVec>(ln_weight + k, gain);
+                load_floats<T, kVec>(ln_bias + k, shift);
+            }
 #pragma unroll
             for (int m = 0; m < kM; ++m) {
                 if (m >= p.M) break;
                 float xv[kVec];
                 load_floats<T, kVec>(xk + (int64_t)m * x_stride, xv);
+                if constexpr (kLN) {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i) xv[i] = round_to<T>((xv[i] - mean[m]) * rstd[m] * gain[i] + shift[i]);
+                }
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -107,11 +164,60 @@ template <typename T, int kM, int kVec> __global__ void __launch_bounds__(kWarps
     }
 }
 
-template <typename T, int kM, int kVec> int launch(const GemvParams& p, cudaStream_t stream) {
+template <typename T, int kM, int kVec, bool kLN = false> int launch(const GemvParams& p, cudaStream_t stream) {
     constexpr int kRows = kM >= 8 ? 4 : 2;
     const int rows_per_cta = kWarps * kRows;
-    gemv_kernel<T, kM, kVec><<<(p.N + rows_per_cta - 1) / rows_per_cta, kWarps * 32, 0, stream>>>(p);
+    gemv_kernel<T, kM, kVec, kLN><<<(p.N + rows_per_cta - 1) / rows_per_cta, kWarps * 32, 0, stream>>>(p);
     return check_launch("kogpt_gemv");
+}
+
+// Checks p (a KOGPT_ERR_* code naming the problem) and launches the kernel variant its sizes and alignment allow.
+int run_gemv(int dtype, const GemvParams& p, cudaStream_t stream) {
+    const char* op = "kogpt_gemv";
+    const int K2 = p.K - p.K1;
+    const bool ln = p.ln_weight != nullptr || p.ln_bias != nullptr;
+    const int max_m = ln ? kLNMaxRows : 16;
+    if (p.M < 1 || p.M > max_m || p.N < 1 || p.K1 < 0 || K2 < 0 || p.K < 1) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: M=%d N=%d K1=%d K2=%d (M must be in [1, %d], K1 + K2 >= 1)", op,
+                    p.M, p.N, p.K1, K2, max_m);
+    }
+    if ((p.K1 > 0 && !p.x1) || (K2 > 0 && !p.x2) || !p.weight || !p.out) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: x1 (with K1 > 0), x2 (with K2 > 0), weight and out must not be NULL",
+                    op);
+    }
+    if (ln && (!p.ln_weight || !p.ln_bias || K2 != 0 || !(p.eps >= 0.f) || isinf(p.eps))) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT,
+                    "%s: the LayerNorm prologue needs ln_weight, ln_bias, a finite eps >= 0 (got %g) and x in one piece",
+                    op, (double)p.eps);
+    }
+    if (p.activation != KOGPT_ACT_NONE && p.activation != KOGPT_ACT_GELU_TANH) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown activation code %d", op, p.activation);
+    }
+    if (p.gelu_start < 0 || p.gelu_start > p.N) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: gelu_start=%d must be in [0, N=%d]", op, p.gelu_start, p.N);
+    }
+    const size_t elem = dtype_size(dtype);
+    const int vec = 16 / (int)elem;
+    auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // 16-byte vectors of x's rows
+        return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (stride * elem) % 16 == 0);
+    };
+    const bool vector_ok = rows_ok(p.x1, p.x1_stride, p.K1) && rows_ok(p.x2, p.x2_stride, K2) &&
+                           aligned(p.weight, 16) && (p.weight_stride * elem) % 16 == 0 &&
+                           (!ln || (aligned(p.ln_weight, 16) && aligned(p.ln_bias, 16)));
+    return dispatch_dtype(dtype, op, [&](auto zero) {
+        using T = decltype(zero);
+        constexpr int kVec = 16 / sizeof(T);
+        if (ln) {
+            if (!vector_ok) return launch<T, kLNMaxRows, 1, true>(p, stream);
+            return p.M == 1 ? launch<T, 1, kVec, true>(p, stream) : launch<T, 2, kVec, true>(p, stream);
+        }
+        if (!vector_ok) return launch<T, 16, 1>(p, stream);
+        if (p.M == 1) return launch<T, 1, kVec>(p, stream);
+        if (p.M == 2) return launch<T, 2, kVec>(p, stream);
+        if (p.M <= 4) return launch<T, 4, kVec>(p, stream);
+        if (p.M <= 8) return launch<T, 8, kVec>(p, stream);
+        return launch<T, 16, kVec>(p, stream);
+    });
 }
 
 }  // namespace
@@ -125,41 +231,29 @@ extern "C" int kogpt_gemv_concat(int dtype, int M, int N, int K1, int K2,
                                  const void* residual, int64_t residual_stride,
                                  void* out, int64_t out_stride,
                                  int activation, int gelu_start, cudaStream_t stream) {
-    using namespace kogpt;
-    const char* op = "kogpt_gemv";
-    if (M < 1 || M > 16 || N < 1 || K1 < 0 || K2 < 0 || K1 + K2 < 1 || K1 > INT32_MAX - K2) {
-        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: M=%d N=%d K1=%d K2=%d (M must be in [1, 16], K1 + K2 >= 1)", op,
-                    M, N, K1, K2);
+    if (K1 < 0 || K2 < 0 || K1 > INT32_MAX - K2) {
+        return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT, "kogpt_gemv: M=%d N=%d K1=%d K2=%d (K1 + K2 >= 1)", M, N, K1,
+                           K2);
     }
-    if ((K1 > 0 && !x1) || (K2 > 0 && !x2) || !weight || !out) {
-        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: x1 (with K1 > 0), x2 (with K2 > 0), weight and out must not be NULL",
-                    op);
+    const kogpt::GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
+                              residual_stride, out, out_stride, activation, gelu_start, nullptr, nullptr, 0.f};
+    return kogpt::run_gemv(dtype, p, stream);
+}
+
+extern "C" int kogpt_gemv_ln_split_gelu(int dtype, int M, int N, int K,
+                                        const void* x, int64_t x_stride,
+                                        const void* ln_weight, const void* ln_bias, float eps,
+                                        const void* weight, int64_t weight_stride,
+                                        const void* bias,
+                                        const void* residual, int64_t residual_stride,
+                                        void* out, int64_t out_stride,
+                                        int activation, int gelu_start, cudaStream_t stream) {
+    if (!ln_weight || !ln_bias) {
+        return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT, "kogpt_gemv: ln_weight and ln_bias must not be NULL");
     }
-    if (activation != KOGPT_ACT_NONE && activation != KOGPT_ACT_GELU_TANH) {
-        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown activation code %d", op, activation);
-    }
-    if (gelu_start < 0 || gelu_start > N) {
-        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: gelu_start=%d must be in [0, N=%d]", op, gelu_start, N);
-    }
-    const GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
-                       residual_stride, out, out_stride, activation, gelu_start};
-    const size_t elem = dtype_size(dtype);
-    const int vec = 16 / (int)elem;
-    auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // 16-byte vectors of x's rows
-        return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (stride * elem) % 16 == 0);
-    };
-    const bool vector_ok = rows_ok(x1, x1_stride, K1) && rows_ok(x2, x2_stride, K2) && aligned(weight, 16) &&
-                           (weight_stride * elem) % 16 == 0;
-    return dispatch_dtype(dtype, op, [&](auto zero) {
-        using T = decltype(zero);
-        constexpr int kVec = 16 / sizeof(T);
-        if (!vector_ok) return launch<T, 16, 1>(p, stream);
-        if (M == 1) return launch<T, 1, kVec>(p, stream);
-        if (M == 2) return launch<T, 2, kVec>(p, stream);
-        if (M <= 4) return launch<T, 4, kVec>(p, stream);
-        if (M <= 8) return launch<T, 8, kVec>(p, stream);
-        return launch<T, 16, kVec>(p, stream);
-    });
+    const kogpt::GemvParams p{M, N, K, K, x, x_stride, nullptr, 0, weight, weight_stride, bias, residual,
+                              residual_stride, out, out_stride, activation, gelu_start, ln_weight, ln_bias, eps};
+    return kogpt::run_gemv(dtype, p, stream);
 }
 
 extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,

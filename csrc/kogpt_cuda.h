@@ -21,8 +21,9 @@ extern "C" {
 #endif
 
 /* 2: kogpt_gemv_split_gelu (the GEMV with the activation from a column on) added; kogpt_gemv unchanged.
- * 3: kogpt_gemv_concat (x in two pieces) added; the others unchanged. */
-#define KOGPT_ABI_VERSION 3
+ * 3: kogpt_gemv_concat (x in two pieces) added; the others unchanged.
+ * 4: kogpt_gemv_ln_split_gelu (the GEMV with a LayerNorm prologue) added; the others unchanged. */
+#define KOGPT_ABI_VERSION 4
 
 enum kogpt_status {
     KOGPT_OK = 0,
@@ -119,6 +120,18 @@ int kogpt_gemv_concat(int dtype, int M, int N, int K1, int K2,
                       const void* residual, int64_t residual_stride,
                       void* out, int64_t out_stride,
                       int activation, int gelu_start, cudaStream_t stream);
+/* kogpt_gemv_split_gelu over layer_norm(x) for M = 1 or 2: the CTA computes each row's mean and variance in fp32,
+ * and x is normalised as it is loaded, (x - mean) / sqrt(var + eps) * ln_weight + ln_bias rounded to the dtype, as a
+ * LayerNorm kernel would write it (ln_weight, ln_bias [K] in the dtype). GPT-J's ln_1 and its first fused GEMV in
+ * one launch. */
+int kogpt_gemv_ln_split_gelu(int dtype, int M, int N, int K,
+                             const void* x, int64_t x_stride,
+                             const void* ln_weight, const void* ln_bias, float eps,
+                             const void* weight, int64_t weight_stride,
+                             const void* bias,
+                             const void* residual, int64_t residual_stride,
+                             void* out, int64_t out_stride,
+                             int activation, int gelu_start, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

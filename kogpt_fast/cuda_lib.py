@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 3  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu, 3: kogpt_gemv_concat)
+ABI_VERSION = 4  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu, 3: kogpt_gemv_concat,
+# 4: kogpt_gemv_ln_split_gelu)
 
 # kogpt_status codes
 OK, ERR_CUDA, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ERR_WORKSPACE = 0, 1, 2, 3, 4
@@ -56,6 +57,8 @@ _SIGNATURES = {  # name: (restype, argtypes), as declared in csrc/kogpt_cuda.h
     "kogpt_gemv_split_gelu": (_i, [_i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _i, _p]),
     "kogpt_gemv_concat": (_i, [_i, _i, _i, _i, _i, _p, _i64, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i, _i,
                                _p]),
+    "kogpt_gemv_ln_split_gelu": (_i, [_i, _i, _i, _i, _p, _i64, _p, _p, _f, _p, _i64, _p, _p, _i64, _p, _i64, _i,
+                                      _i, _p]),
 }
 EXPORTED_SYMBOLS = tuple(_SIGNATURES)
 
@@ -285,12 +288,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 GEMV_MAX_M = 16
 
 
+GEMV_LN_MAX_M = 2  # rows the GEMV's LayerNorm prologue takes
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, activation: str = "none",
-         out: torch.Tensor | None = None, gelu_start: int = 0, x2: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, gelu_start: int = 0, x2: torch.Tensor | None = None,
+         ln: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """out [M, N] = act([x | x2] [M, K] @ weight [N, K]^T + bias [N]) + residual [M, N], for M = 1..16.
 
     x [M, K1] and the optional x2 [M, K - K1] are read in place (each 2-D with contiguous rows, any row stride).
+    ln = (ln_weight [K], ln_bias [K], eps), without x2 and for M <= 2: the input is layer_norm(x), computed in the
+    kernel.
     activation: "none" or "gelu_tanh" (HF's gelu_new), applied to the columns n >= gelu_start only (0: all, N: none).
     fp32 accumulation; one rounding to the dtype at the end.
     """
@@ -325,6 +334,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=device)
     _check_tensor("out", out, device, x.dtype, 2)
     _require(out.shape == (m, n), f"out has shape {tuple(out.shape)}, expected ({m}, {n})")
+    if ln is not None:
+        _require(x2 is None, "ln (a LayerNorm of x) and x2 cannot be combined")
+        _require(m <= GEMV_LN_MAX_M, f"x has {m} rows; the GEMV's LayerNorm prologue takes 1 to {GEMV_LN_MAX_M}")
+        ln_weight, ln_bias, eps = ln
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            _check_tensor(name, t, device, x.dtype, 1, contiguous=True)
+            _require(t.shape[0] == k1, f"{name} has {t.shape[0]} entries, expected {k1}")
+        _require(math.isfinite(eps) and eps >= 0, f"eps must be finite and >= 0, got {eps}")
+        with torch.cuda.device(device):
+            rc = _library().kogpt_gemv_ln_split_gelu(
+                dtype, m, n, k1, _ptr(x), x.stride(0), _ptr(ln_weight), _ptr(ln_bias), float(eps), _ptr(weight),
+                weight.stride(0), _ptr(bias), _ptr(residual), residual.stride(0) if residual is not None else 0,
+                _ptr(out), out.stride(0), ACTIVATIONS[activation], gelu_start, _stream(device),
+            )
+        _check(rc, "kogpt_gemv")
+        return out
     with torch.cuda.device(device):
         rc = _library().kogpt_gemv_concat(
             dtype, m, n, k1, k2, _ptr(x) if k1 else None, x.stride(0),

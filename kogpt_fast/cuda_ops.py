@@ -104,8 +104,19 @@ def layer_norm_linear_split_gelu(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
     bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new",
 ) -> torch.Tensor:
-    """linear_split_gelu(layer_norm(x)) as two launches: the fallback's LayerNorm, then the CUDA GEMV (which has no
-    LayerNorm prologue; the triton backend's GEMV has one)."""
+    """linear_split_gelu(layer_norm(x)): for 1 or 2 rows one launch, the CUDA GEMV with its LayerNorm prologue;
+    otherwise the fallback's LayerNorm, then linear_split_gelu."""
+    if activation not in GELU_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
+    why = _gemv_reason(x, weight, bias)
+    if why is None and not (_kernel_dtype(x, ln_weight, ln_bias) and ln_weight.is_contiguous()
+                            and ln_bias.is_contiguous() and x.shape[0] <= cuda_lib.GEMV_LN_MAX_M):
+        why = f"{x.shape[0]} rows, or LayerNorm parameters the prologue does not take"
+    if why is None:
+        _ran("layer_norm_linear_split_gelu", "cuda gemv with LayerNorm")
+        return cuda_lib.gemv(x, weight, bias, activation="gelu_tanh", gelu_start=gelu_start,
+                             ln=(ln_weight, ln_bias, eps))
+    _ran("layer_norm_linear_split_gelu", "LayerNorm, then linear_split_gelu", why)
     return linear_split_gelu(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu_start, activation)
 
 

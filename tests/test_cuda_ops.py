@@ -118,6 +118,12 @@ def test_library_refuses_bad_gemv_arguments_on_the_host():
     for k1, k2, x2, message in ((-1, 64, 16, b"K1=-1"), (0, 0, 16, b"K1=0 K2=0"), (32, 32, None, b"x2 (with K2 > 0)")):
         rc = lib.kogpt_gemv_concat(1, 1, 8, k1, k2, 16, 64, x2, 64, 16, 64, None, None, 0, 16, 8, 0, 0, None)
         assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
+    # kogpt_gemv_ln_split_gelu(dtype, M, N, K, x, x_stride, ln_weight, ln_bias, eps, weight, ...): M <= 2, the
+    # LayerNorm parameters present, eps finite and >= 0.
+    for m, ln_w, eps, message in ((3, 16, 1e-5, b"M must be in [1, 2]"), (1, None, 1e-5, b"ln_weight and ln_bias"),
+                                  (1, 16, -1.0, b"finite eps >= 0"), (1, 16, float("inf"), b"finite eps >= 0")):
+        rc = lib.kogpt_gemv_ln_split_gelu(1, m, 8, 64, 16, 64, ln_w, 16, eps, 16, 64, None, None, 0, 16, 8, 1, 0, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
 
 
 # ---- GPU: KV cache write ----
@@ -450,6 +456,26 @@ def test_gemv_concat_equals_the_concatenation_bitwise(dtype, m):
     x1, x2, w, b, r = (t.to(dtype) for t in _concat_inputs(m, 4096, 4096, 16384, seed=m, offset=3 * 4096))
     whole = torch.cat([x1, x2], dim=1)
     assert torch.equal(cuda_ops.linear_concat_residual(x1, x2, w, b, r), cuda_ops.linear_residual(whole, w, b, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3])  # 3: beyond the prologue's rows, LayerNorm then the GEMV
+@pytest.mark.parametrize("n,k", [(333, 264), (77, 257), (3 * 4096 + 16384, 4096)])  # 257: the scalar path
+def test_layer_norm_linear_split_gelu(dtype, m, n, k):
+    """ln_1 and GPT-J's first fused GEMV in one launch (the GEMV's LayerNorm prologue) against the reference."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = (3.0 * torch.randn(m, k, generator=g) + 0.5).cuda()  # a mean and a spread the LayerNorm must remove
+    ln_w, ln_b = (1.0 + 0.2 * torch.randn(k, generator=g)).cuda(), (0.1 * torch.randn(k, generator=g)).cuda()
+    w, b = (torch.randn(n, k, generator=g) / math.sqrt(k)).cuda(), torch.randn(n, generator=g).cuda()
+    gelu_start = n // 3 + 1
+    args32 = (x, ln_w, ln_b, 1e-5, w, b, gelu_start)
+    args = tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in args32)
+    out = ops_for("cuda", "layer_norm_linear_split_gelu")(*args)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_reference(out, reference.layer_norm_linear_split_gelu(*args32),
+                              reference.layer_norm_linear_split_gelu(*args), ATOL[dtype])
 
 
 # KoGPT-6B: q|k|v|fc_in as one GEMM (N = 3*4096 + 16384, K = 4096, GELU from 3*4096 on) and out_proj|fc_out as
