@@ -1,15 +1,18 @@
 // Paged decode attention (flash-decoding): one new query per sequence attends to its cached context.
 //
-// Three launches on one stream:
-//   1. rope_kv_write_kernel: RoPE on q (into the workspace) and k; k and v stored at their cache slots;
-//   2. decode_split_kernel: grid (splits, heads, batch); a CTA scores one partition of `partition_size` tokens,
-//      softmax-normalises them locally (max m, sum l) and keeps the unnormalised P.V in fp32;
-//   3. decode_reduce_kernel: rescales the partitions by exp(m_s - max m) and divides by the total sum.
+// Two launches on one stream:
+//   1. decode_split_kernel: grid (splits, heads, batch); a CTA rotates its head's q in registers (RoPE), scores
+//      one partition of `partition_size` tokens, softmax-normalises them locally (max m, sum l) and keeps the
+//      unnormalised P.V in fp32. The CTA whose partition holds the new token (position seq_len - 1) first rotates
+//      that token's k and stores it and v at the token's cache slot, then reads the partition as the others do
+//      (a barrier publishes the stores to the CTA; no other CTA reads that slot);
+//   2. decode_reduce_kernel: rescales the partitions by exp(m_s - max m) and divides by the total sum.
 // Splitting the context is what fills the GPU at batch 1: 16 heads alone would occupy 16 of 132 SMs.
 // The number of splits depends only on max_blocks * block_size (host-known), so a CUDA graph can capture it.
 #include <math.h>
 
-#include "kv_cache_write.cuh"
+#include "common.cuh"
+#include "rope.cuh"
 
 namespace kogpt {
 namespace {
@@ -21,20 +24,25 @@ constexpr size_t kAlign = 256;
 size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
-    size_t q_bytes, out_bytes, ml_bytes;
-    size_t total() const { return q_bytes + out_bytes + ml_bytes; }
+    size_t out_bytes, ml_bytes;
+    size_t total() const { return out_bytes + ml_bytes; }
 };
 
-Workspace workspace_layout(int dtype, int batch, int n_head, int head_dim, int splits) {
+Workspace workspace_layout(int batch, int n_head, int head_dim, int splits) {
     const size_t rows = (size_t)batch * n_head;
-    return {round_up(rows * head_dim * dtype_size(dtype)), round_up(rows * splits * head_dim * sizeof(float)),
-            round_up(rows * splits * 2 * sizeof(float))};
+    return {round_up(rows * splits * head_dim * sizeof(float)), round_up(rows * splits * 2 * sizeof(float))};
 }
 
 struct DecodeParams {
     int n_head, block_size, partition_size, splits;
-    const void* q_rot;  // [batch, n_head, D] contiguous, rotated
-    const void* k_cache; const void* v_cache;
+    // The new token of each sequence, before RoPE: q, k, v [batch, n_head, D] at these strides (elements).
+    const void* q; int64_t q_stride_token, q_stride_head;
+    const void* k; int64_t k_stride_token, k_stride_head;
+    const void* v; int64_t v_stride_token, v_stride_head;
+    const int64_t* slot_mapping;  // [batch]: the new token's cache slot (-1: not stored)
+    const int64_t* positions;     // [batch]: its rotary position
+    const float* rope_table; int64_t rope_stride; int rotary_dim;
+    void* k_cache; void* v_cache;
     int64_t cache_stride_block, cache_stride_token, cache_stride_head;
     const int32_t* block_tables; int64_t block_table_stride;
     const int32_t* seq_lens;
@@ -66,14 +74,46 @@ template <typename T, int D> __global__ void __launch_bounds__(kWarps * 32) deco
     const int start = split * p.partition_size;
     const int end = min(start + p.partition_size, seq_len);
     if (start >= end) return;  // past this sequence's context: the reduction does not read it
+    const float* rope_row = p.rope_table + p.positions[seq] * p.rope_stride;
+
+    if (end == seq_len) {  // this partition holds the new token: rotate its k, store k and v, then read on
+        const int64_t slot = p.slot_mapping[seq];
+        if (slot >= 0) {
+            const T* k = static_cast<const T*>(p.k) + seq * p.k_stride_token + head * p.k_stride_head;
+            const T* v = static_cast<const T*>(p.v) + seq * p.v_stride_token + head * p.v_stride_head;
+            const int64_t dst = (slot / p.block_size) * p.cache_stride_block + (slot % p.block_size) * p.cache_stride_token +
+                                head * p.cache_stride_head;
+            T* k_cache = static_cast<T*>(p.k_cache) + dst;
+            T* v_cache = static_cast<T*>(p.v_cache) + dst;
+            for (int pair = threadIdx.x; pair < D / 2; pair += blockDim.x) {
+                const int d = 2 * pair;
+                float x = to_float<T>(k[d]), y = to_float<T>(k[d + 1]);
+                if (d < p.rotary_dim) rope_pair<T>(x, y, rope_row, pair, p.rotary_dim);
+                k_cache[d] = from_float<T>(x);
+                k_cache[d + 1] = from_float<T>(y);
+                v_cache[d] = v[d];
+                v_cache[d + 1] = v[d + 1];
+            }
+        }
+        __syncthreads();  // the stores are visible to every thread of the CTA after it
+    }
 
     extern __shared__ float smem[];
     float* scores = smem;                            // [partition_size]
     float* reduce_buf = smem + p.partition_size;     // [kWarps]
     float* out_buf = reduce_buf + 32;                // [kWarps, D]
 
+    // q: each lane owns kPerLane consecutive dims (whole pairs: kPerLane is even) and rotates them itself, rounded
+    // as the reference rounds (rope_pair), so the scores are those of a rotated q held in the dtype.
     float q[kPerLane];
-    load_floats<T, kPerLane>(static_cast<const T*>(p.q_rot) + ((int64_t)seq * p.n_head + head) * D + lane * kPerLane, q);
+    const T* q_head = static_cast<const T*>(p.q) + seq * p.q_stride_token + head * p.q_stride_head + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) q[i] = to_float<T>(q_head[i]);
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += 2) {
+        const int d = lane * kPerLane + i;
+        if (d < p.rotary_dim) rope_pair<T>(q[i], q[i + 1], rope_row, d / 2, p.rotary_dim);
+    }
     const int32_t* table = p.block_tables + seq * p.block_table_stride;
     const int64_t head_offset = head * p.cache_stride_head + lane * kPerLane;
     auto row_ptr = [&](const void* cache, int t) {
@@ -186,8 +226,8 @@ int splits_for(int max_context, int partition_size) { return (max_context + part
 extern "C" size_t kogpt_decode_attention_workspace_size(int dtype, int batch, int n_head, int head_dim,
                                                         int max_context, int partition_size) {
     if (batch <= 0 || n_head <= 0 || head_dim <= 0 || max_context <= 0 || partition_size <= 0) return 0;
-    return kogpt::workspace_layout(dtype, batch, n_head, head_dim, kogpt::splits_for(max_context, partition_size))
-        .total();
+    (void)dtype;  // the workspace holds fp32 partials whatever the dtype
+    return kogpt::workspace_layout(batch, n_head, head_dim, kogpt::splits_for(max_context, partition_size)).total();
 }
 
 extern "C" int kogpt_decode_attention(int dtype, int batch, int n_head, int head_dim,
@@ -216,8 +256,13 @@ extern "C" int kogpt_decode_attention(int dtype, int batch, int n_head, int head
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: partition_size %d is not a multiple of 32 in [32, 1024]", op,
                     partition_size);
     }
-    if (!q || !out || !block_tables || !seq_lens || !rope_table || !positions || !workspace) {
+    if (!q || !k || !v || !k_cache || !v_cache || !slot_mapping || !out || !block_tables || !seq_lens ||
+        !rope_table || !positions || !workspace) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: a required pointer is NULL", op);
+    }
+    if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: rotary_dim %d must be even, in (0, head_dim=%d]", op, rotary_dim,
+                    head_dim);
     }
     // The split kernel reads each lane's head_dim/32 elements as one vector: rows must be 16-byte aligned.
     const size_t vec_bytes = head_dim / 32 * dtype_size(dtype) >= 16 ? 16 : head_dim / 32 * dtype_size(dtype);
@@ -227,28 +272,21 @@ extern "C" int kogpt_decode_attention(int dtype, int batch, int n_head, int head
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: the caches must be 16-byte aligned with aligned strides", op);
     }
     const int splits = splits_for(max_blocks * block_size, partition_size);
-    const Workspace ws = workspace_layout(dtype, batch, n_head, head_dim, splits);
+    const Workspace ws = workspace_layout(batch, n_head, head_dim, splits);
     if (workspace_bytes < ws.total() || !aligned(workspace, kAlign)) {
         return fail(KOGPT_ERR_WORKSPACE, "%s: workspace of %zu bytes (256-byte aligned) needed, got %zu", op,
                     ws.total(), workspace_bytes);
     }
     char* base = static_cast<char*>(workspace);
-    RopeKVWrite w{batch, n_head, head_dim,
-                  k, k_stride_token, k_stride_head,
-                  v, v_stride_token, v_stride_head,
-                  k_cache, v_cache, block_size,
-                  cache_stride_block, cache_stride_token, cache_stride_head,
-                  slot_mapping, positions, rope_table, rope_stride, rotary_dim,
-                  q, q_stride_token, q_stride_head, base};
-    int rc = launch_rope_kv_write(dtype, w, op, stream);
-    if (rc != KOGPT_OK) return rc;
-
     DecodeParams p{n_head, block_size, partition_size, splits,
-                   base,
+                   q, q_stride_token, q_stride_head,
+                   k, k_stride_token, k_stride_head,
+                   v, v_stride_token, v_stride_head,
+                   slot_mapping, positions, rope_table, rope_stride, rotary_dim,
                    k_cache, v_cache, cache_stride_block, cache_stride_token, cache_stride_head,
                    block_tables, block_table_stride, seq_lens, scale,
-                   reinterpret_cast<float*>(base + ws.q_bytes),
-                   reinterpret_cast<float*>(base + ws.q_bytes + ws.out_bytes),
+                   reinterpret_cast<float*>(base),
+                   reinterpret_cast<float*>(base + ws.out_bytes),
                    out, out_stride_token, out_stride_head};
     return dispatch_dtype(dtype, op, [&](auto zero) {
         using T = decltype(zero);

@@ -64,11 +64,12 @@ int kogpt_kv_cache_write(int dtype, int n_tokens, int n_head, int head_dim,
 
 /* ---- paged decode attention (csrc/decode_attention.cu) ----
  * One new token per sequence: q, k, v [batch, n_head, head_dim] before RoPE, each at any token and head stride
- * (element-aligned; q is rotated into the workspace first, so only the caches need 16-byte aligned rows, e.g. q, k, v
- * may be column slices of GPT-J's fused q | k | v | fc_in GEMM output). RoPE is applied to q and k, k and v
- * are written to the caches at slot_mapping[batch], then each query attends to seq_lens[b] cached tokens (the
- * new one included) listed by block_tables [batch, max_blocks] (row stride block_table_stride).
- * The context is split in partitions of `partition_size` tokens (flash-decoding); a second kernel reduces them.
+ * (element-aligned: they are read element by element, so only the caches need 16-byte aligned rows; e.g. q, k, v
+ * may be column slices of GPT-J's fused q | k | v | fc_in GEMM output). RoPE (0 < rotary_dim <= head_dim, even) is
+ * applied to q and k, k and v are written to the caches at slot_mapping[batch], then each query attends to
+ * seq_lens[b] cached tokens (the new one included) listed by block_tables [batch, max_blocks] (row stride
+ * block_table_stride). The context is split in partitions of `partition_size` tokens (flash-decoding): the
+ * partition kernel also rotates q and stores the new token; a second kernel reduces the partitions.
  * Scores are q.k * scale in fp32, softmax in fp32; out [batch, n_head, head_dim].
  * workspace: device memory of at least kogpt_decode_attention_workspace_size(...) bytes, 256-byte aligned.
  * head_dim: 64, 128 or 256 (else KOGPT_ERR_UNSUPPORTED). partition_size: a multiple of 32 in [32, 1024]. */

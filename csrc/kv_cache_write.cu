@@ -11,7 +11,6 @@ template <typename T> __global__ void rope_kv_write_kernel(RopeKVWrite p) {
     const int64_t slot = p.slot_mapping[token];
     const int half_dim = p.head_dim / 2;
     const float* table_row = p.rope_table ? p.rope_table + p.positions[token] * p.rope_stride : nullptr;
-    T* q_out = static_cast<T*>(p.q_out);
     T* k_cache = static_cast<T*>(p.k_cache);
     T* v_cache = static_cast<T*>(p.v_cache);
     const int64_t cache_token = slot < 0 ? 0 : (slot / p.block_size) * p.cache_stride_block +
@@ -21,14 +20,6 @@ template <typename T> __global__ void rope_kv_write_kernel(RopeKVWrite p) {
         const int pair = i % half_dim;
         const int d = 2 * pair;
         const bool rotate = table_row != nullptr && d < p.rotary_dim;
-        if (q_out != nullptr) {
-            const T* q = static_cast<const T*>(p.q) + token * p.q_stride_token + head * p.q_stride_head + d;
-            float x = to_float<T>(q[0]), y = to_float<T>(q[1]);
-            if (rotate) rope_pair<T>(x, y, table_row, pair, p.rotary_dim);
-            T* dst = q_out + ((int64_t)token * p.n_head + head) * p.head_dim + d;
-            dst[0] = from_float<T>(x);
-            dst[1] = from_float<T>(y);
-        }
         if (slot < 0) continue;
         const T* k = static_cast<const T*>(p.k) + token * p.k_stride_token + head * p.k_stride_head + d;
         const T* v = static_cast<const T*>(p.v) + token * p.v_stride_token + head * p.v_stride_head + d;
@@ -61,7 +52,7 @@ int launch_rope_kv_write(int dtype, const RopeKVWrite& p, const char* op, cudaSt
                     op, p.rotary_dim, p.head_dim);
     }
     if (p.n_tokens == 0) return KOGPT_OK;
-    if (!p.k || !p.v || !p.k_cache || !p.v_cache || !p.slot_mapping || (p.q_out && !p.q)) {
+    if (!p.k || !p.v || !p.k_cache || !p.v_cache || !p.slot_mapping) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: a required pointer is NULL", op);
     }
     return dispatch_dtype(dtype, op, [&](auto zero) {
@@ -88,7 +79,6 @@ extern "C" int kogpt_kv_cache_write(int dtype, int n_tokens, int n_head, int hea
                          v, v_stride_token, v_stride_head,
                          k_cache, v_cache, block_size,
                          cache_stride_block, cache_stride_token, cache_stride_head,
-                         slot_mapping, positions, rope_table, rope_stride, rotary_dim,
-                         nullptr, 0, 0, nullptr};
+                         slot_mapping, positions, rope_table, rope_stride, rotary_dim};
     return kogpt::launch_rope_kv_write(dtype, p, "kogpt_kv_cache_write", stream);
 }

@@ -1,4 +1,4 @@
-// The RoPE + paged-cache store kernel, shared by kogpt_kv_cache_write and kogpt_decode_attention.
+// The RoPE + paged-cache store kernel of kogpt_kv_cache_write (kogpt_decode_attention stores its new token itself).
 #pragma once
 
 #include "common.cuh"
@@ -13,9 +13,6 @@ struct RopeKVWrite {
     int64_t cache_stride_block, cache_stride_token, cache_stride_head;
     const int64_t* slot_mapping;
     const int64_t* positions; const float* rope_table; int64_t rope_stride; int rotary_dim;  // table NULL: no RoPE
-    // Optional: q [n_tokens, n_head, head_dim] (strided) rotated into q_out (contiguous). Rotated even for slot -1.
-    const void* q; int64_t q_stride_token, q_stride_head;
-    void* q_out;
 };
 
 // Checks the arguments (a KOGPT_ERR_* code naming `op` on failure) and enqueues the kernel.

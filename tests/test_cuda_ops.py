@@ -126,6 +126,31 @@ def test_library_refuses_bad_gemv_arguments_on_the_host():
         assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
 
 
+@pytest.mark.skipif(not cuda_lib.library_path().is_file(), reason="the CUDA library is not built")
+def test_library_refuses_bad_decode_attention_arguments_on_the_host():
+    """kogpt_decode_attention checks its arguments before any CUDA call: no GPU needed."""
+    lib = cuda_lib._library()
+    h, d, bs = 2, 64, 16
+    ptr = 4096  # a 256-byte aligned address, never dereferenced: every call here is refused first
+
+    def call(rotary_dim=32, k=ptr, slots=ptr, partition_size=64, head_dim=d):
+        return lib.kogpt_decode_attention(
+            1, 1, h, head_dim, ptr, h * head_dim, head_dim, k, h * head_dim, head_dim, ptr, h * head_dim, head_dim,
+            ptr, ptr, bs, bs * h * head_dim, h * head_dim, head_dim, slots, ptr, ptr, 32, rotary_dim, ptr, 4, 4,
+            ptr, 0.125, partition_size, ptr, h * head_dim, head_dim, ptr, 1 << 20, None)
+
+    for kwargs, code, message in (
+        (dict(rotary_dim=0), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 0"),
+        (dict(rotary_dim=33), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 33"),
+        (dict(rotary_dim=66), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 66"),
+        (dict(k=None), cuda_lib.ERR_INVALID_ARGUMENT, b"NULL"),
+        (dict(slots=None), cuda_lib.ERR_INVALID_ARGUMENT, b"NULL"),
+        (dict(partition_size=48), cuda_lib.ERR_INVALID_ARGUMENT, b"partition_size 48"),
+        (dict(head_dim=96), cuda_lib.ERR_UNSUPPORTED, b"head_dim 96"),
+    ):
+        assert call(**kwargs) == code and message in lib.kogpt_last_error(), (kwargs, lib.kogpt_last_error())
+
+
 # ---- GPU: KV cache write ----
 
 def _loop_write(k, v, k_cache, v_cache, slots):
@@ -315,7 +340,7 @@ def test_decode_attention_column_slices(impl, dtype, batch, block_size, head_dim
     assert_close_to_reference(out, ref32, ref_lowp, ATOL[dtype])
     if impl == "cuda":  # the fused cache write rounds RoPE as the reference does
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-        # The library copies the rotated q out first: the strides change where it reads, not what it computes.
+        # The partition kernel reads q, k, v at their strides: the strides change where it reads, not what it computes.
         k_contig, v_contig = cache.k[0].to(dtype), cache.v[0].to(dtype)
         same = cuda_ops.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), meta, k_contig, v_contig, rope,
                                          rotary_dim)
