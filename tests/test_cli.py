@@ -100,3 +100,28 @@ def test_generation_error_is_reported_and_the_loop_goes_on(loaded, monkeypatch, 
     assert cli.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "error: " in out and "n_positions" in out and out.count("prompt> ") == 3
+
+
+def test_demo_script_passes_its_arguments_to_the_cli_not_to_pip(tmp_path):
+    """scripts/demo.sh ARGS: setup_env.sh gets no extras (a bare `source` would hand it ARGS), the CLI gets ARGS.
+    Run against a stand-in setup_env.sh and python that record what they receive."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    shutil.copy(repo / "scripts" / "demo.sh", scripts / "demo.sh")
+    record = tmp_path / "record.txt"
+    (scripts / "setup_env.sh").write_text(f'printf "setup [%s] %s\\n" "$1" "$#" >> {record}\n', encoding="utf-8")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text(f'#!/usr/bin/env bash\nprintf "python %s\\n" "$*" >> {record}\n',
+                                     encoding="utf-8")
+    (fake_bin / "python").chmod(0o755)
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin"}
+    result = subprocess.run(["bash", str(scripts / "demo.sh"), "--device", "cpu", "--prompt", "국회는"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert record.read_text(encoding="utf-8").splitlines() == [
+        "setup [] 1", "python -m kogpt_fast --device cpu --prompt 국회는"]
