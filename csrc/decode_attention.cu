@@ -5,7 +5,9 @@
 //      one partition of `partition_size` tokens, softmax-normalises them locally (max m, sum l) and keeps the
 //      unnormalised P.V in fp32. The CTA whose partition holds the new token (position seq_len - 1) first rotates
 //      that token's k and stores it and v at the token's cache slot, then reads the partition as the others do
-//      (a barrier publishes the stores to the CTA; no other CTA reads that slot);
+//      (a barrier publishes the stores to the CTA; no other CTA reads that slot). A sequence whose seq_lens entry
+//      is outside [1, max_blocks * block_size] (a broken contract: kogpt_fast never passes one) has no such CTA,
+//      and its new token is not stored;
 //   2. decode_reduce_kernel: rescales the partitions by exp(m_s - max m) and divides by the total sum.
 // Splitting the context is what fills the GPU at batch 1: 16 heads alone would occupy 16 of 132 SMs.
 // The number of splits depends only on max_blocks * block_size (host-known), so a CUDA graph can capture it.

@@ -8,11 +8,13 @@
 // Memory-bound design: at decode the weight is read once per step and dominates the traffic, so each warp
 // streams kRows weight rows with 16-byte loads (kUnroll of them per row in flight), reuses each weight vector
 // for all M rows of x (x stays in L1/L2), accumulates in fp32, reduces across the warp with shuffles and applies
-// the epilogue in registers. No shared memory and no block-wide barrier: a CTA is 8 independent warps.
+// the epilogue in registers. No shared memory and no block-wide barrier (except in the LayerNorm prologue below):
+// a CTA is 8 independent warps.
 // Split-K is not used: KoGPT's smallest weight (4096 x 4096) already gives 2048 warps of 8-16 KB each.
 //
 // LayerNorm prologue (kogpt_gemv_ln_split_gelu, M <= 2): the GEMV's input is layer_norm(x). The CTA computes each
-// row's mean and rstd (the mean, then the mean of squared deviations, in fp32: kernels/layer_norm.py's numerics)
+// row's mean and rstd (the mean, then the mean of squared deviations, in fp32: kernels/layer_norm.py's formula,
+// not its bits, since the sums run in another order and rstd is rsqrtf: h may differ from it by an ulp of T)
 // with one barrier-separated reduction, and every warp normalises the x vectors it loads, rounded to T as a
 // LayerNorm kernel would write them. It spares the decode step the LayerNorm launch before GPT-J's first GEMV.
 #include <math.h>
@@ -199,7 +201,7 @@ int run_gemv(int dtype, const GemvParams& p, cudaStream_t stream) {
     const size_t elem = dtype_size(dtype);
     const int vec = 16 / (int)elem;
     auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // 16-byte vectors of x's rows
-        return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (stride * elem) % 16 == 0);
+        return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (p.M == 1 || (stride * elem) % 16 == 0));
     };
     const bool vector_ok = rows_ok(p.x1, p.x1_stride, p.K1) && rows_ok(p.x2, p.x2_stride, K2) &&
                            aligned(p.weight, 16) && (p.weight_stride * elem) % 16 == 0 &&

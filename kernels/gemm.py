@@ -212,8 +212,9 @@ def _gemm_kernel(
 
 @triton.jit
 def _row_stats(x_ptr, stride_x, rm, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) [BLOCK_M] of x's first ROWS rows over K, in fp32 as _layer_norm_kernel computes them: the mean,
-    then the mean of the squared deviations (two passes over the row, from L1/L2), rstd = 1 / sqrt(var + eps)."""
+    """(mean, rstd) [BLOCK_M] of x's first ROWS rows over K, in fp32 with _layer_norm_kernel's formula: the mean, then
+    the mean of the squared deviations (two passes over the row, from L1/L2), rstd = 1 / sqrt(var + eps). Not its
+    bits: the sums run in K steps, so a normalised element may differ from the LayerNorm kernel's by an ulp."""
     rk = tl.arange(0, BLOCK_K)
     means = tl.zeros([BLOCK_M], tl.float32)
     rstds = tl.zeros([BLOCK_M], tl.float32)
@@ -350,7 +351,7 @@ def gemm(
     x: contiguous, or 2-D with contiguous rows at any row stride. x2 (optional, the same rules and leading shape
     as x) continues x along K: x [.., K1] and x2 [.., K - K1] are read in place, never concatenated.
     ln = (ln_weight [K], ln_bias [K], eps) (without x2): the GEMM's input is layer_norm(x) (kernels/layer_norm.py's
-    numerics, rounded to x's dtype); the GEMV computes it on the fly for M <= LN_IN_GEMV_MAX_M, otherwise a
+    formula, rounded to x's dtype; see _row_stats); the GEMV computes it on the fly for M <= LN_IN_GEMV_MAX_M, otherwise a
     LayerNorm kernel runs first.
     config: None picks the kernel (use_gemv) and its tiles by shape; "gemv" / "gemm" force the GEMV (M <= 16 only)
     / the tiled kernel with tiles picked by shape; a GemvConfig / GemmConfig forces that kernel with those tiles.
@@ -426,8 +427,9 @@ def gemm(
         if config is None and x.device.type == "cuda" and n * k >= TUNE_MIN_WEIGHTS and tuning_enabled():
             flags = (("b", args["HAS_BIAS"]), ("g", args["GELU"]), ("r", args["HAS_RESIDUAL"]), ("2", has_x2),
                      ("n", ln is not None))
-            key = (("M", m), ("N", n), ("K", k), ("dtype", str(x.dtype).removeprefix("torch.")),
-                   ("epilogue", "".join(f for f, on in flags if on) or "-"))
+            epilogue = "".join(f for f, on in flags if on) or "-"
+            key = (("device", str(x.device)), ("M", m), ("N", n), ("K", k),
+                   ("dtype", str(x.dtype).removeprefix("torch.")), ("epilogue", epilogue))
             if key in _tuned or not torch.cuda.is_current_stream_capturing():
                 gcfg = tune_gemv(key, GEMV_CANDIDATES, run)
         run(gcfg or pick_gemv_config(m, n, k, x.dtype))

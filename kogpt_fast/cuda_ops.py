@@ -110,7 +110,8 @@ def layer_norm_linear_split_gelu(
         raise ValueError(f"activation {activation!r} is not one of {GELU_ACTIVATIONS}")
     why = _gemv_reason(x, weight, bias)
     if why is None and not (_kernel_dtype(x, ln_weight, ln_bias) and ln_weight.is_contiguous()
-                            and ln_bias.is_contiguous() and x.shape[0] <= cuda_lib.GEMV_LN_MAX_M):
+                            and ln_bias.is_contiguous() and ln_weight.shape == ln_bias.shape == (x.shape[1],)
+                            and x.shape[0] <= cuda_lib.GEMV_LN_MAX_M):
         why = f"{x.shape[0]} rows, or LayerNorm parameters the prologue does not take"
     if why is None:
         _ran("layer_norm_linear_split_gelu", "cuda gemv with LayerNorm")
