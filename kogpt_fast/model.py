@@ -257,6 +257,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             m = gemm.linear_gelu(h, block.mlp.fc_in.weight, block.mlp.fc_in.bias, c.activation_function)
             m = gemm.linear(m, block.mlp.fc_out.weight, block.mlp.fc_out.bias)
             x = a + m + x  # HF's order: (attention + MLP) + residual
-        x = x[meta.last_token]  # [B, d]
+        if meta.is_prefill:  # a decode step's N tokens are its B sequences' last ones already, in order
+            x = x[meta.last_token]  # [B, d]
         x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias, c.layer_norm_epsilon)
         return ops.linear(x, self.lm_head.weight, self.lm_head.bias).float()
