@@ -28,7 +28,7 @@ def device_memory(device: str) -> int:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_500_mixed_generate_calls_keep_memory_and_handles_flat(device):
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+        pytest.skip("needs a CUDA device")
     tokenizer = KoGPTTokenizer.from_pretrained()
     model = KoGPTForCausalLM.from_pretrained(device=device)
     texts = ["대한민국은", "국회는 법률에", "모든 국민은 인간으로서의 존엄과 가치를 가지며", "제1조", "대통령은"]
