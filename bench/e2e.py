@@ -108,7 +108,7 @@ class KoGPTSystem(System):
         model = self.model
         if (model.backend_name, model.prefill_path) != (self.backend, self.prefill_path):
             model.backend_name, model.prefill_path = self.backend, self.prefill_path
-            model.kv_cache, model._decode_steps = None, {}  # graphs of the other backend's kernels
+            model.drop_cache()  # its decode graphs hold the other backend's kernels
         model.backend()  # raises BackendUnavailable here, at build time, for a backend that cannot run
 
     def generate(self, ids, n):
@@ -116,7 +116,7 @@ class KoGPTSystem(System):
         return self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def release(self):
-        self.model.kv_cache, self.model._decode_steps = None, {}
+        self.model.drop_cache()
 
 
 class HFSystem(System):

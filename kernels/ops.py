@@ -63,9 +63,15 @@ def linear_residual(
 ) -> torch.Tensor:
     """x @ weight^T + bias + residual [N, M], the residual added in the epilogue and rounded once with the rest
     (GPT-J's out_proj and fc_out as one GEMM over K = d + d_ff)."""
+    return _gemm_residual(x, None, weight, bias, residual)
+
+
+def _gemm_residual(x, x2, weight, bias, residual):
+    """gemm([x | x2]) + bias + residual, the residual fused into the epilogue when it is the output's shape and
+    dtype; otherwise added after, with the reference's promotion and broadcasting."""
     if residual.dtype != x.dtype or residual.shape != (*x.shape[:-1], weight.shape[0]):
-        return gemm(x, weight, bias) + residual  # the reference's promotion / broadcasting: not fused
-    return gemm(x, weight, bias, residual=residual.contiguous())
+        return gemm(x, weight, bias, x2=x2) + residual
+    return gemm(x, weight, bias, residual=residual.contiguous(), x2=x2)
 
 
 def linear_concat_residual(
@@ -73,6 +79,4 @@ def linear_concat_residual(
 ) -> torch.Tensor:
     """linear_residual over [x1 | x2] with both read in place (x1 [N, K1], x2 [N, K2], each contiguous or 2-D with
     contiguous rows): GPT-J's out_proj + fc_out over [attention | gelu(fc_in)] without the concatenation."""
-    if residual.dtype != x1.dtype or residual.shape != (*x1.shape[:-1], weight.shape[0]):
-        return gemm(x1, weight, bias, x2=x2) + residual  # the reference's promotion / broadcasting: not fused
-    return gemm(x1, weight, bias, residual=residual.contiguous(), x2=x2)
+    return _gemm_residual(x1, x2, weight, bias, residual)

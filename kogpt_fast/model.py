@@ -204,10 +204,14 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             cache.num_blocks >= blocks if self.max_cache_tokens is None else cache.num_blocks == blocks
         )
         if not reusable:
-            self.kv_cache, self._decode_steps = None, {}  # drop the old pool (and graphs over it) first
+            self.drop_cache()  # the old pool (and the graphs over it) first
             cache = PagedKVCache(c.n_layer, max(blocks, 1), bs, c.n_head, c.head_dim, self.dtype, self.device)
             self.kv_cache = cache
         return cache
+
+    def drop_cache(self) -> None:
+        """Free the KV pool and the decode steps (and CUDA graphs) built over it; the next request makes new ones."""
+        self.kv_cache, self._decode_steps = None, {}
 
     def decode_step(self, cache: PagedKVCache) -> DecodeStep:
         """The decode step for the cache's current sequences (one per batch size, reused across requests)."""
