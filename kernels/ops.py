@@ -13,6 +13,7 @@ import torch
 from kogpt_fast.reference import rope_table  # noqa: F401  (part of the ops interface)
 
 from .decode_attention import decode_attention  # noqa: F401
+from .extend_attention import extend_attention  # noqa: F401
 from .gemm import gemm
 from .kv_cache_write import write_kv_cache  # noqa: F401
 from .layer_norm import layer_norm  # noqa: F401

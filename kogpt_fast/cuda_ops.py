@@ -7,7 +7,8 @@ fallback ops module, chosen in one place: `fallback_ops()`. Covered today:
   decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill) falls back;
 - decode_attention: RoPE, cache write and flash-decoding in the library (csrc/decode_attention.cu);
 - write_kv_cache: csrc/kv_cache_write.cu.
-layer_norm, prefill_attention, apply_rope and the GELUs always fall back. With logging at DEBUG level for
+layer_norm, prefill_attention, extend_attention (new tokens over a cached context: chunked prefill, prefix-cache
+hits, mixed steps; the Triton kernel on a GPU), apply_rope and the GELUs always fall back. With logging at DEBUG level for
 "kogpt_fast.cuda_ops", the first call of each (op, implementation) pair logs which one ran and why.
 """
 from __future__ import annotations
@@ -220,3 +221,19 @@ def prefill_attention(
     rotary_dim: int,
 ) -> torch.Tensor:
     return fallback_ops(q.device).prefill_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    """No CUDA kernel: the fallback's, i.e. the Triton kernel on a GPU (kernels/extend_attention.py). Extend steps mix
+    prefill chunks with decode rows; the library's decode kernel covers the decode-only steps, which the CUDA graphs
+    replay."""
+    return fallback_ops(q.device).extend_attention(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)

@@ -57,12 +57,20 @@ class BlockAllocator:
 class StepMetadata:
     """What the attention ops need for one forward step over B sequences and N new tokens.
 
-    positions     [N] int64   rotary position of each new token
-    slot_mapping  [N] int64   pool slot each new token's K/V is written to
-    cu_seqlens    [B+1] int32 prefix sums of the new tokens per sequence (packed layout)
-    block_tables  [B, max_blocks] int32  each sequence's blocks, padded with 0
-    seq_lens      [B] int32   context length of each sequence including the new tokens
-    last_token    [B] int64   index in N of each sequence's last new token (where logits are taken)
+    positions      [N] int64   rotary position of each new token
+    slot_mapping   [N] int64   pool slot each new token's K/V is written to
+    cu_seqlens     [B+1] int32 prefix sums of the new tokens per sequence (packed layout)
+    block_tables   [B, max_blocks] int32  each sequence's blocks, padded with 0
+    seq_lens       [B] int32   context length of each sequence including the new tokens
+    last_token     [B] int64   index in N of each sequence's last new token
+    max_seqlen     int         the most new tokens of any sequence (a launch grid, known without a device sync)
+    is_prefill     bool        False: a decode-only step, one new token per sequence (decode_attention);
+                               True: any number per sequence (prefill_attention, or extend_attention below)
+    has_context    bool        (is_prefill steps) some sequence's new tokens follow tokens already cached: a chunk
+                               of a long prompt, a prompt after a prefix-cache hit, a mixed step with decode rows.
+                               The new tokens attend to the cached ones too (extend_attention)
+    logits_indices [M] int64 or None: the packed indices whose logits forward_step returns, in that order (prompt
+                               logprobs, speculative verification); None: last_token (is_prefill), every row (decode)
     """
 
     positions: torch.Tensor
@@ -73,6 +81,39 @@ class StepMetadata:
     last_token: torch.Tensor
     max_seqlen: int
     is_prefill: bool
+    has_context: bool = False
+    logits_indices: torch.Tensor | None = None
+
+
+def build_step_metadata(
+    tables: list[list[int]], cached: list[int], new_tokens: list[int], positions: torch.Tensor, block_size: int,
+    device, *, is_prefill: bool = True, logits_indices: list[int] | None = None,
+) -> StepMetadata:
+    """The metadata of a step over sequences with blocks tables[b], cached[b] tokens in the cache already and
+    new_tokens[b] new ones (tables[b] must cover cached[b] + new_tokens[b] tokens). positions [N] (rotary) need not
+    equal the cache offsets: a left-padded prompt starts at position 0 whatever its padding."""
+    max_blocks = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
+    counts = torch.tensor(new_tokens)
+    cu = torch.zeros(len(new_tokens) + 1, dtype=torch.int64)
+    cu[1:] = counts.cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(len(new_tokens)), counts)  # [N] the sequence of each new token
+    t = torch.arange(int(cu[-1])) - cu[seq] + torch.tensor(cached)[seq]  # [N] offset in its sequence
+    slots = token_slots(padded, seq, t, block_size)
+    lengths = [c + n for c, n in zip(cached, new_tokens)]
+    return StepMetadata(
+        positions=positions.to(device=device, dtype=torch.int64),
+        slot_mapping=slots.to(device),
+        cu_seqlens=cu.to(device=device, dtype=torch.int32),
+        block_tables=padded.to(device=device, dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+        last_token=(cu[1:] - 1).to(device),
+        max_seqlen=max(new_tokens),
+        is_prefill=is_prefill,
+        has_context=is_prefill and any(c > 0 for c in cached),
+        logits_indices=None if logits_indices is None else torch.tensor(logits_indices, dtype=torch.int64,
+                                                                          device=device),
+    )
 
 
 class PagedKVCache:
@@ -134,26 +175,10 @@ class PagedKVCache:
         positions [N] are the rotary positions of the packed new tokens (they need not equal the cache offsets:
         a left-padded prompt starts at position 0 whatever its padding).
         """
-        device, bs = self.k.device, self.block_size
         for b, n in enumerate(new_tokens):
             self.reserve(b, self.lengths[b] + n)
-        max_blocks = max(len(t) for t in self.tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in self.tables], dtype=torch.int64)
-        counts = torch.tensor(new_tokens)
-        cu = torch.zeros(len(new_tokens) + 1, dtype=torch.int64)
-        cu[1:] = counts.cumsum(0)
-        seq = torch.repeat_interleave(torch.arange(len(new_tokens)), counts)  # [N] the sequence of each new token
-        t = torch.arange(int(cu[-1])) - cu[seq] + torch.tensor(self.lengths)[seq]
-        slots = token_slots(tables, seq, t, bs)
+        meta = build_step_metadata(self.tables, self.lengths, new_tokens, positions, self.block_size, self.k.device,
+                                   is_prefill=is_prefill)
         for b, n in enumerate(new_tokens):
             self.lengths[b] += n
-        return StepMetadata(
-            positions=positions.to(device=device, dtype=torch.int64),
-            slot_mapping=slots.to(device),
-            cu_seqlens=cu.to(device=device, dtype=torch.int32),
-            block_tables=tables.to(device=device, dtype=torch.int32),
-            seq_lens=torch.tensor(self.lengths, dtype=torch.int32, device=device),
-            last_token=(cu[1:] - 1).to(device),
-            max_seqlen=max(new_tokens),
-            is_prefill=is_prefill,
-        )
+        return meta

@@ -225,16 +225,21 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
 
     @torch.inference_mode()
     def forward_step(self, input_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
-        """input_ids [N] packed new tokens -> fp32 logits [B, vocab] at each sequence's last new token."""
+        """input_ids [N] packed new tokens -> fp32 logits [B, vocab] at each sequence's last new token, or
+        [M, vocab] at meta.logits_indices."""
         ops, c = self.ops(), self.config
-        attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
+        if not meta.is_prefill:
+            attention = ops.decode_attention
+        else:
+            attention = ops.extend_attention if meta.has_context else ops.prefill_attention
         gemm = ops  # the projections' ops
         if self.prefill_path not in PREFILL_PATHS:
             raise ValueError(f"prefill_path={self.prefill_path!r} is not one of {PREFILL_PATHS}")
         if meta.is_prefill and self.prefill_path == "torch" and self.backend() != "torch":
             from . import torch_prefill as gemm
 
-            attention = gemm.prefill_attention
+            if not meta.has_context:
+                attention = gemm.prefill_attention
         rope = self.rope()
         if self.fused():
             fused = self.fused_weights()
@@ -261,7 +266,11 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             m = gemm.linear_gelu(h, block.mlp.fc_in.weight, block.mlp.fc_in.bias, c.activation_function)
             m = gemm.linear(m, block.mlp.fc_out.weight, block.mlp.fc_out.bias)
             x = a + m + x  # HF's order: (attention + MLP) + residual
-        if meta.is_prefill:  # a decode step's N tokens are its B sequences' last ones already, in order
+        if meta.logits_indices is not None:
+            x = x[meta.logits_indices]  # [M, d]
+        elif meta.is_prefill:  # a decode step's N tokens are its B sequences' last ones already, in order
             x = x[meta.last_token]  # [B, d]
+        if x.shape[0] == 0:  # a step that only fills the cache (a chunk in the middle of a prompt)
+            return torch.empty(0, c.vocab_size, dtype=torch.float32, device=x.device)
         x = ops.layer_norm(x, self.transformer.ln_f.weight, self.transformer.ln_f.bias, c.layer_norm_epsilon)
         return ops.linear(x, self.lm_head.weight, self.lm_head.bias).float()

@@ -186,3 +186,38 @@ def decode_attention(
     visible = (context[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
     out = _attend(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), visible)  # [B, H, 1, D]
     return out[:, :, 0, :]
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: StepMetadata,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: torch.Tensor,
+    rotary_dim: int,
+) -> torch.Tensor:
+    """New tokens of each sequence attending to its cached context and, causally, to each other.
+
+    q, k, v [N, H, D] before RoPE, sequence b's n_b new tokens at meta.cu_seqlens[b] : cu_seqlens[b+1]; they sit at
+    context offsets seq_lens[b] - n_b .. seq_lens[b] - 1 (meta.seq_lens counts them), after the seq_lens[b] - n_b
+    tokens already cached in the blocks meta.block_tables[b]. Their rotated K and V go to the cache at
+    meta.slot_mapping; the attention reads them from k, v, so a token that is not cached (slot -1) is still seen.
+    Prefill (nothing cached) and decode (n_b = 1) are special cases. Returns [N, H, D].
+    """
+    q, k = _rope_and_cache(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
+    out = torch.empty_like(v)
+    block_size = k_cache.shape[1]
+    bounds, seq_lens = meta.cu_seqlens.tolist(), meta.seq_lens.tolist()
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        new, cached = end - start, seq_lens[b] - (end - start)
+        pages = meta.block_tables[b, : -(-cached // block_size)].long()
+        keys = torch.cat([k_cache[pages].flatten(0, 1)[:cached], k[start:end]])  # [cached + new, H, D]
+        values = torch.cat([v_cache[pages].flatten(0, 1)[:cached], v[start:end]])
+        rows = torch.arange(new, device=q.device)[:, None] + cached  # each new token's context offset
+        visible = (torch.arange(cached + new, device=q.device)[None, :] <= rows)[None]  # [1, new, cached + new]
+        out[start:end] = _attend(
+            q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), visible
+        ).transpose(0, 1)
+    return out
