@@ -38,6 +38,7 @@ class DecodeStep:
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.weights_key: tuple = ()  # the model's _weights_key() when this step was made
 
     def load(self, tables: list[list[int]], lengths: list[int]) -> None:
         """Point the step at the current request's sequences (their blocks must cover every step to come)."""

@@ -58,3 +58,55 @@ def test_warm_up_writes_nothing_a_request_reads(model, prompt_len):
     )
     _, _, cold, _ = decode_after_prefill(model, prompt.tolist(), warm_up=False)
     assert torch.equal(warmed, cold), "the step after the warm-up gives other logits than without it"
+
+
+def test_a_decode_step_is_rebuilt_when_its_weights_change(model):
+    """The step (and, on a GPU, its graph) is reused while the weights stay put, and rebuilt after anything that
+    gives them new memory: switching the fused GEMMs on or off, model.to(), loading new tensors."""
+    ids = torch.tensor([[5, 6, 7]])
+
+    def step_for_a_request():
+        cache = model.cache_for([6])
+        try:
+            model._prefill(cache, ids, torch.ones_like(ids), [3])
+            cache.reserve(0, 5)
+            return model.decode_step(cache)
+        finally:
+            cache.release()
+
+    first = step_for_a_request()
+    assert step_for_a_request() is first, "an unchanged model rebuilt its decode step"
+    changes = {
+        "fused on": lambda: setattr(model, "fuse_projections", True),
+        "fused off": lambda: setattr(model, "fuse_projections", False),
+        "to fp16 and back": lambda: model.to(torch.float16).to(torch.float32),
+        "new tensors loaded": lambda: model.load_state_dict(
+            {k: v.clone() for k, v in model.state_dict().items()}, assign=True),
+    }
+    try:
+        previous = first
+        for name, change in changes.items():
+            change()
+            step = step_for_a_request()
+            assert step is not previous, f"the decode step survived: {name}"
+            assert step_for_a_request() is step, f"rebuilt twice after: {name}"
+            previous = step
+    finally:
+        model.fuse_projections = None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_are_recaptured_after_the_fusion_changes():
+    """On a GPU in fp16 (graphs on): unfusing frees the fused weights the first graph replays; the model must
+    capture a new graph, and give the same tokens as a model that never fused."""
+    path_model = KoGPTForCausalLM.from_pretrained(None, device="cuda", dtype=torch.float16, backend="triton")
+    reference = KoGPTForCausalLM.from_pretrained(None, device="cuda", dtype=torch.float16, backend="triton")
+    ids = torch.tensor([[5, 6, 7, 8]], device="cuda")
+    path_model.generate(ids, max_new_tokens=8)
+    first = path_model._decode_steps[1]
+    assert first.graph is not None and path_model.fused()
+    path_model.fuse_projections = reference.fuse_projections = False
+    got = path_model.generate(ids, max_new_tokens=8)
+    assert path_model._decode_steps[1] is not first and path_model._decode_steps[1].graph is not None
+    assert torch.equal(got, reference.generate(ids, max_new_tokens=8))
