@@ -41,10 +41,19 @@ class DecodeStep:
         self.weights_key: tuple = ()  # the model's _weights_key() when this step was made
 
     def load(self, tables: list[list[int]], lengths: list[int]) -> None:
-        """Point the step at the current request's sequences (their blocks must cover every step to come)."""
-        rows = [t + [0] * (self.block_tables.shape[1] - len(t)) for t in tables]
+        """Point the step at the current sequences (their blocks must cover every step to come).
+
+        Fewer sequences than the step's batch (the serving engine's bucketed batch sizes): the other rows are
+        padding, which must do no harm. Their tables hold only the scratch block and their lengths are 0, so each
+        writes its K/V at position 0 of the scratch block, attends to that alone, and its logits are ignored.
+        """
+        batch, width = self.block_tables.shape
+        if len(tables) > batch or len(lengths) != len(tables):
+            raise ValueError(f"{len(tables)} tables and {len(lengths)} lengths for a decode step of batch {batch}")
+        scratch = self.cache.scratch_block
+        rows = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * (batch - len(tables))
         self.block_tables.copy_(torch.tensor(rows, dtype=torch.int32))
-        self.seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self.seq_lens.copy_(torch.tensor(list(lengths) + [0] * (batch - len(tables)), dtype=torch.int32))
 
     def _step(self) -> torch.Tensor:
         bs = self.cache.block_size

@@ -29,7 +29,6 @@ def test_refcounts_share_and_free():
     assert bm.num_used == 3 and bm.num_free == 3
     hit, ids = bm.match_prefix(list(range(8)) + [99, 98], max_blocks=4)
     assert hit == a[:2] and bm.ref_counts[a[0]] == 2 and bm.ref_counts[a[2]] == 1
-    assert bm.hit_tokens == 8 and bm.queried_tokens == 10
     bm.release(a)
     assert bm.num_used == 2 and bm.num_cached == 0 and bm.num_free == 4  # the shared two are still held
     bm.release(hit)

@@ -34,8 +34,6 @@ class BlockManager:
         self._by_key: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # key -> (block, content id)
         self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its key
         self._ids = itertools.count(ROOT + 1)
-        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
-        self.hit_tokens = 0  # of which found
 
     # ---- counts ----
     @property
@@ -50,10 +48,6 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free) - len(self._cached)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -93,7 +87,7 @@ class BlockManager:
     # ---- the prefix cache ----
     def match_prefix(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
         """The cached blocks holding tokens' longest prefix of full blocks (at most max_blocks), each acquired
-        (ref_count + 1), and their content ids. Counts toward the hit rate."""
+        (ref_count + 1), and their content ids."""
         blocks, ids, parent = [], [], ROOT
         bs = self.block_size
         for i in range(min(max_blocks, len(tokens) // bs)):
@@ -107,8 +101,6 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self._cached[block]
             self.ref_counts[block] += 1
-        self.queried_tokens += len(tokens)
-        self.hit_tokens += len(blocks) * bs
         return blocks, ids
 
     def register(self, block: int, parent_id: int, tokens: list[int]) -> int:
