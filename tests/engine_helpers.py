@@ -1,0 +1,92 @@
+"""Shared by the engine tests: driving an engine through a scenario, and comparing it with generate() token for token
+under the margin rule (a difference is allowed only where the reference's own top-2 logit margin is below 1e-4)."""
+from __future__ import annotations
+
+import torch
+
+from margin_rule import teacher_forced_logits
+
+MARGIN = 1e-4
+
+
+def random_prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+class StepLog:
+    """Wraps engine.scheduler.schedule to record each step's (start, count, tokens left) per request."""
+
+    def __init__(self, engine):
+        self.steps: list[list[tuple[str, int, int, int]]] = []
+        schedule = engine.scheduler.schedule
+
+        def logged():
+            step = schedule()
+            self.steps.append([(s.request.request_id, s.start, s.count, len(s.request.token_ids) - s.start)
+                               for s in step])
+            return step
+
+        engine.scheduler.schedule = logged
+
+    def chunked(self) -> bool:
+        """Some prompt ran in more than one chunk (a chunk that stopped short of the request's tokens)."""
+        return any(count < left for step in self.steps for _, _, count, left in step)
+
+    def mixed(self) -> bool:
+        """Some step ran decode tokens and a prompt chunk together."""
+        return any(any(c == 1 and left == 1 for _, _, c, left in step) and any(c > 1 for _, _, c, _ in step)
+                   for step in self.steps)
+
+
+def run_arrivals(engine, arrivals, finish=True):
+    """arrivals: [(steps to run first, [(prompt, params), ...]), ...]; then (finish) run to the end.
+    -> the requests in order."""
+    requests = []
+    for steps_before, batch in arrivals:
+        for _ in range(steps_before):
+            engine.step()
+        requests += [engine.add_request(prompt, params) for prompt, params in batch]
+    if finish:
+        engine.run()
+    return requests
+
+
+def generate_alone(model, request, **kwargs):
+    """generate() on the request's prompt alone, with its length limits: the new tokens."""
+    p = request.params
+    ids = torch.tensor([request.prompt_ids], device=model.device)
+    out = model.generate(ids, max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens or None, **kwargs)
+    return out[0, len(request.prompt_ids):].tolist()
+
+
+def assert_greedy_equals_generate(model, requests) -> int:
+    """Each request's tokens equal generate()'s on its prompt alone, or first differ where the reference's top-2
+    margin is below MARGIN (then the rest is not compared). Returns the number of such differences."""
+    allowed = 0
+    for request in requests:
+        expected = generate_alone(model, request)
+        got = request.output_ids
+        if got == expected:
+            continue
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        assert first < min(len(got), len(expected)), (
+            f"{request.request_id}: lengths differ without a token differing: {got} vs {expected}"
+        )
+        ids = torch.tensor([request.prompt_ids + expected], device=model.device)
+        logits = teacher_forced_logits(model, ids, request.prompt_len)[first]
+        top2 = logits.topk(2).values
+        margin = (top2[0] - top2[1]).item()
+        assert margin < MARGIN, (
+            f"{request.request_id} (prompt {request.prompt_len} tokens) differs from generate() at new token {first} "
+            f"where the reference's top-2 margin is {margin:.3g}:\n got      {got}\n expected {expected}"
+        )
+        allowed += 1
+    return allowed
+
+
+def assert_pool_is_clean(engine):
+    """Every block is free or held by the prefix cache; the block manager's states agree."""
+    engine.blocks.check()
+    assert engine.blocks.num_used == 0 and all(c == 0 for c in engine.blocks.ref_counts), engine.stats()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
