@@ -12,7 +12,11 @@ cache), scheduler.py (what each step runs), sampler.py (per-request sampling on 
 """
 from __future__ import annotations
 
+from .async_engine import AsyncEngine, EngineClosed, EngineError, RequestStream
 from .engine import Engine, EngineStats, QueueFull
-from .request import RequestOutput, Request, SamplingParams, TokenLogprob
+from .request import Request, RequestOutput, SamplingParams, TokenLogprob
 
-__all__ = ["Engine", "EngineStats", "QueueFull", "Request", "RequestOutput", "SamplingParams", "TokenLogprob"]
+__all__ = [
+    "AsyncEngine", "Engine", "EngineClosed", "EngineError", "EngineStats", "QueueFull", "Request", "RequestOutput",
+    "RequestStream", "SamplingParams", "TokenLogprob",
+]

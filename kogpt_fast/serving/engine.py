@@ -170,6 +170,11 @@ class Engine:
         if self.on_work is not None:
             self.on_work()
 
+    def abort_all(self) -> None:
+        """Abort every request that has not finished (shutting down)."""
+        for request in [*self._inbox, *self.scheduler.waiting, *self.scheduler.running]:
+            self.abort(request)
+
     # ---- the loop ----
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running)
