@@ -133,6 +133,13 @@ def full_report(data: dict) -> str:
     for a in info.get("token_agreement", []):
         parts.append(f"tokens: {a['system']} shares its first {a['common_prefix_tokens']}/{a['new_tokens']} new tokens "
                      f"with {a['reference']} ({_params(a['params'])})")
+    serving = data.get("serving")
+    if serving:
+        from .serving import format_row
+
+        parts += ["", "serving (bench/serving.py)"] + [format_row(r) for r in serving["results"]]
+        for rate, ratios in serving["ratios"].items():
+            parts.append(f"  engine / other, rate {rate}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     plots = data.get("plots")
     if isinstance(plots, dict) and plots.get("skipped"):
         parts.append(f"plots skipped: {plots['skipped']}")

@@ -5,6 +5,7 @@
     python bench/run.py --model PATH          # a real GPT-J checkpoint directory instead of random weights
     python bench/run.py --quick --device cpu  # tiny shapes on the CPU: a smoke test of the machinery, seconds
     python bench/run.py --report DIR/results.json   # table and plots of an earlier run, nothing measured
+    python bench/run.py --suites serving      # the serving benchmark (bench/serving.py) into results.json
 
 Writes DIR/results.json (device, driver, versions, git commit, the peaks measured in this run, every figure with
 its unit and its baseline), PNG plots when matplotlib is installed, and prints the table.
@@ -61,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a HF GPT-J checkpoint directory (default: random weights of KoGPT-6B's shape, or of the "
                    "tiny model on the CPU; nothing is downloaded)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float16 on cuda, float32 on cpu")
-    p.add_argument("--suites", default="ops,e2e", help="comma-separated: ops, e2e (default both)")
+    p.add_argument("--suites", default="ops,e2e",
+                   help="comma-separated: ops, e2e, serving (default ops,e2e; serving runs bench/serving.py with "
+                   "its defaults for the device, --quick, --model and --dtype passed on)")
     p.add_argument("--backends", default=None,
                    help="comma-separated kogpt-fast backends to run (default: every one kogpt_fast.backends can run "
                    "on the device)")
@@ -203,9 +206,9 @@ def main(argv=None) -> int:
         # wait for busy cores turn milliseconds into hundreds of them.
         torch.set_num_threads(1)
     suites = {s.strip() for s in args.suites.split(",") if s.strip()}
-    unknown = suites - {"ops", "e2e"}
+    unknown = suites - {"ops", "e2e", "serving"}
     if unknown:
-        print(f"error: unknown suites {sorted(unknown)} (ops, e2e)", file=sys.stderr)
+        print(f"error: unknown suites {sorted(unknown)} (ops, e2e, serving)", file=sys.stderr)
         return 2
     only = [b.strip() for b in args.backends.split(",")] if args.backends else None
     systems = {s.strip() for s in args.systems.split(",")} if args.systems else None
@@ -248,6 +251,13 @@ def main(argv=None) -> int:
         runs = 2 if (args.quick or device.type != "cuda") else 3
         run_e2e(results, args.model, config, device, dtype, list(impls), systems, compile_, args.quick, runs,
                 deadline, peaks)
+    if "serving" in suites:
+        from bench import serving
+
+        argv = ["--device", device.type, "--dtype", str(dtype).removeprefix("torch.")]
+        argv += (["--model", args.model] if args.model else []) + (["--quick"] if args.quick else [])
+        results.data["serving"] = serving.run(serving.parse_args(argv))
+        results.save()
     results.data["elapsed_s"] = time.monotonic() - start
     _finish(results, args.out, not args.no_plots)
     print()
