@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine_helpers import (
-    StepLog, assert_greedy_equals_generate, assert_pool_is_clean, generate_alone, random_prompts, run_arrivals,
+    StepLog, assert_greedy_equals_generate, assert_pool_is_clean, blocks_written_by_each_step, generate_alone,
+    random_prompts, run_arrivals,
 )
 from hf_reference import random_hf_model
 from kogpt_fast import KoGPTForCausalLM
@@ -286,21 +287,8 @@ def test_padded_decode_rows_write_only_the_scratch_block(small):
     exact.run()
     padded = Engine(small, prefix_caching=False, decode_buckets=(4, 8))
     requests = [padded.add_request(p, greedy(12, min_new_tokens=12)) for p in prompts]
-    allocated = []
-    allocate = padded.blocks.allocate
-    padded.blocks.allocate = lambda n: allocated.extend(allocate(n)) or allocated[-n:] if n else []
     padded.step()  # the prompts
-    scratch_written = False
-    while padded.has_work():
-        before = padded.cache.k.clone(), padded.cache.v.clone()
-        owned = {b for r in padded.scheduler.running for b in r.blocks}
-        allocated.clear()
-        padded.step()
-        changed = set()
-        for pool, old in zip((padded.cache.k, padded.cache.v), before):
-            changed |= set((pool != old).flatten(2).any(-1).any(0).nonzero().flatten().tolist())
-        assert changed <= owned | set(allocated) | {padded.cache.scratch_block}, "padding wrote a request's block"
-        scratch_written |= padded.cache.scratch_block in changed
+    scratch_written = blocks_written_by_each_step(padded)
     sizes = set(padded._decode_steps)
     assert scratch_written and sizes == {4} and [r.output_ids for r in requests] == [r.output_ids for r in expected]
 
