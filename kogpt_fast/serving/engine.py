@@ -257,7 +257,7 @@ class Engine:
         batch = len(step)
         size = next((b for b in self.decode_buckets if b >= batch), batch)
         decode = self._decode_steps.get(size)
-        key = self.model._weights_key()
+        key = self.model._weights_key() if self.use_graph else ()  # a graph replays the weights' addresses
         if decode is None or decode.weights_key != key:
             decode = self._decode_steps[size] = DecodeStep(self.model, self.cache, size, self.use_graph)
             decode.weights_key = key

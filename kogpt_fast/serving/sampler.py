@@ -21,10 +21,16 @@ def generation_config(params: SamplingParams, eos: frozenset[int]) -> Generation
     )
 
 
-def _plain_greedy(request: Request) -> bool:
+def _group_key(request: Request, config: GenerationConfig) -> tuple | None:
+    """Rows whose processing needs nothing of their own sequence share a key (None: processed alone)."""
     p = request.params
-    return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
-            and (not request.eos or request.num_new >= p.min_new_tokens))
+    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        return None
+    suppress_eos = bool(request.eos) and request.num_new < p.min_new_tokens
+    if p.greedy and not suppress_eos:
+        return ("argmax",)  # no processing at all
+    return (config.do_sample, config.temperature, config.top_k, config.top_p, tuple(config.eos_token_id),
+            suppress_eos)
 
 
 def _openai_penalties(request: Request, logits: torch.Tensor) -> torch.Tensor:
@@ -38,20 +44,29 @@ def _openai_penalties(request: Request, logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(requests: list[Request], configs: list[GenerationConfig], logits: torch.Tensor) -> list[int]:
-    """The next token of each request from its row of fp32 logits [B, V] (raw model output)."""
+    """The next token of each request from its row of fp32 logits [B, V] (raw model output).
+
+    Rows with the same parameters (and no penalty that reads their own tokens) are processed together; each row
+    is drawn from its own generator."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (request, config) in enumerate(zip(requests, configs)):
+        groups.setdefault(_group_key(request, config) or ("alone", i), []).append(i)
     chosen: list[torch.Tensor | None] = [None] * len(requests)
-    plain = [i for i, r in enumerate(requests) if _plain_greedy(r)]
-    if plain:
-        rows = torch.tensor(plain, device=logits.device) if len(plain) < len(requests) else slice(None)
-        for i, token in zip(plain, torch.argmax(logits[rows], dim=-1)):
-            chosen[i] = token
-    for i, request in enumerate(requests):
-        if chosen[i] is not None:
+    for key, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device) if len(rows) < len(requests) else slice(None)
+        first = requests[rows[0]]
+        if key == ("argmax",):
+            tokens = torch.argmax(logits[index], dim=-1)
+            for i, token in zip(rows, tokens):
+                chosen[i] = token
             continue
-        scores = _openai_penalties(request, logits[i:i + 1])
-        sequence = torch.tensor([request.token_ids], device=logits.device)
-        scores = process_logits(configs[i], sequence, scores, request.num_new)
-        chosen[i] = choose_tokens(configs[i], scores, request.generator)[0]
+        scores = logits[index]
+        if key[0] == "alone":
+            scores = _openai_penalties(first, scores)
+        sequences = torch.tensor([first.token_ids], device=logits.device) if key[0] == "alone" else scores[:, :0].long()
+        scores = process_logits(configs[rows[0]], sequences, scores, first.num_new)
+        for j, i in enumerate(rows):
+            chosen[i] = choose_tokens(configs[i], scores[j:j + 1], requests[i].generator)[0]
     return torch.stack(chosen).tolist()
 
 
