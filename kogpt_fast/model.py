@@ -166,6 +166,8 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                     for module in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj,
                                    block.mlp.fc_in, block.mlp.fc_out):
                         module.weight = nn.Parameter(module.weight.contiguous().clone(), requires_grad=False)
+                    # fc_in's bias is a slice of the fused [0; 0; 0; b_in], which would otherwise stay alive
+                    block.mlp.fc_in.bias = nn.Parameter(block.mlp.fc_in.bias.clone(), requires_grad=False)
             self._fused = None
 
     def _gemm_layout(self) -> None:
