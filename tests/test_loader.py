@@ -174,8 +174,10 @@ def test_reader_lists_every_tensor(safetensors_dir, hf_model):
 def test_hf_style_config_overrides(safetensors_dir):
     model = load(safetensors_dir, pad_token_id=7, low_cpu_mem_usage=True)
     assert model.config.pad_token_id == 7
-    with pytest.raises(TypeError, match="revision"):
-        load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16")
+    # HF's revision with a local directory is accepted and has no effect, as in HF; a typo is still refused
+    assert load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16").config == load(safetensors_dir).config
+    with pytest.raises(TypeError, match="revison"):
+        load(safetensors_dir, revison="KoGPT6B-ryan1.5b-float16")
     with pytest.raises(ConfigError, match="pad_token_id=1000"):
         load(safetensors_dir, pad_token_id=1000)
 
