@@ -37,8 +37,8 @@ def require_device(device) -> torch.device:
     if not torch.backends.cuda.is_built():
         raise DeviceUnavailable(
             f"device {str(device)!r} was requested, but this torch ({torch.__version__}) was built without CUDA: "
-            "install a CUDA build of torch (https://pytorch.org/get-started/locally/), or run on the CPU (device='cpu', "
-            "--device cpu in the CLI)"
+            "install a CUDA build of torch (https://pytorch.org/get-started/locally/), or run on the CPU "
+            "(device='cpu', --device cpu in the CLI)"
         )
     count = torch.cuda.device_count()
     if count == 0:

@@ -59,14 +59,14 @@ def cache_root(cache_dir=None) -> Path:
 
 def cached_snapshot(repo_id: str, *, revision: str | None = None, cache_dir=None) -> Path:
     """The snapshot directory of `repo_id` at `revision` (default "main") in the local cache; never downloads."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError as e:
         repo = cache_root(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-        if isinstance(e, IncompleteSnapshotError):  # a download that did not finish
+        if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):  # a download that did not finish
             found = f"its snapshot there is incomplete ({str(e).split(': ', 1)[-1].split('. ')[0]})"
         elif not repo.is_dir():
             found = f"there is no {repo}"

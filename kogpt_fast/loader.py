@@ -65,6 +65,12 @@ def model_dir(path, *, revision=None, cache_dir=None, subfolder=None) -> Path:
     return directory
 
 
+def check_checkpoint(directory: Path) -> None:
+    """What from_pretrained reads first, checked without loading a tensor: config.json, then the weights' files."""
+    GPTJConfig.from_json_file(directory / "config.json")
+    weight_files(directory)
+
+
 def weight_names(use_safetensors: bool | None = None, variant: str | None = None) -> tuple[str, ...]:
     """The weight files looked for, in order. use_safetensors (HF's): True only safetensors, False only .bin.
     variant (HF's, e.g. "fp16"): model.fp16.safetensors, model.safetensors.index.fp16.json, pytorch_model.fp16.bin."""
