@@ -12,6 +12,8 @@ HF's arguments that change nothing here are accepted, those asking for more are 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -236,6 +238,24 @@ def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eo
     return (input_ids != pad_token_id).long()
 
 
+def ends_streamer_on_error(generate):
+    """A generate() that raises still ends its streamer, so that a consumer waiting on it (a TextIteratorStreamer
+    read in another thread, as HF's docs show) is freed instead of waiting forever."""
+    signature = inspect.signature(generate)
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        try:
+            return generate(*args, **kwargs)
+        except BaseException:
+            streamer = signature.bind(*args, **kwargs).arguments.get("streamer")
+            if streamer is not None:
+                streamer.end()
+            raise
+
+    return wrapper
+
+
 class GenerationMixin:
     """Adds `generate()` to a model that has `config`, `device`, `cache_for()` and `forward_step()`."""
 
@@ -280,6 +300,7 @@ class GenerationMixin:
             cache.release()
 
     @torch.inference_mode()
+    @ends_streamer_on_error
     def generate(
         self,
         inputs: torch.Tensor | None = None,
@@ -385,10 +406,6 @@ class GenerationMixin:
                 if step == new_tokens - 1:
                     break
                 logits = decode(tokens)
-        except BaseException:
-            if streamer is not None:  # a consumer waiting on the streamer (TextIteratorStreamer in a thread) is freed
-                streamer.end()
-            raise
         finally:
             cache.release()
         if stops_early and int(all_done_at) >= 0:  # HF stops at the step where the last row finished

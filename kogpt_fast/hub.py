@@ -27,8 +27,8 @@ def checkpoint_dir(path, *, revision: str | None = None, cache_dir=None, subfold
         directory = Path(path)
         if not directory.exists():
             raise FileNotFoundError(
-                f"no model directory at {directory} (kogpt-fast reads local checkpoints and the Hugging Face cache; "
-                "it never downloads)"
+                f"no model directory at {os.fspath(path)} (kogpt-fast reads local checkpoints and the Hugging Face "
+                "cache; it never downloads)"
             )
     else:
         directory = cached_snapshot(os.fspath(path), revision=revision, cache_dir=cache_dir)
