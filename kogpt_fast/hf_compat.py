@@ -69,6 +69,8 @@ TOKENIZER_INERT = {
     "trust_remote_code": "the tokenizer is tokenizer.json or tokenizer.model: there is no remote code to run",
     "use_fast": "there is one implementation: tokenizers (tokenizer.json) or sentencepiece (tokenizer.model)",
     "verbose": "kogpt-fast's tokenizer does not log",
+    "code_revision": "the revision of remote code, and there is none",
+    "config": "picks HF's tokenizer class; the files decide here",
 }
 TOKENIZER_REFUSED = {
     "force_download": Refused(NEVER_DOWNLOADS, off=(False,)),
@@ -79,6 +81,7 @@ TOKENIZER_REFUSED = {
     "model_input_names": Refused("the tokenizer returns input_ids and attention_mask"),
     "chat_template": Refused("no chat templates (apply_chat_template)"),
     "add_prefix_space": Refused("the pre-tokenizer in tokenizer.json decides"),
+    "mistral_format": Refused("no mistral-common tokenizers", off=(False,)),
 }
 
 GENERATE_INERT = {
