@@ -38,6 +38,7 @@ class DecodeStep:
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.weights_key: tuple = ()  # the model's _weights_key() when this step was made
 
     def load(self, tables: list[list[int]], lengths: list[int]) -> None:
         """Point the step at the current request's sequences (their blocks must cover every step to come)."""
@@ -56,16 +57,31 @@ class DecodeStep:
         )
         return self.model.forward_step(self.tokens, meta, self.cache)
 
+    def _warm_up(self) -> None:
+        """Run the step eagerly with every row at position 0 of the scratch block, which no request reads.
+
+        The request's own blocks cover only the positions it will feed: a warm-up at the next positions would
+        write through the block table's zero padding into block 0, or index past the table's end. The kernels'
+        shapes and constexprs do not depend on the positions, so these steps compile and allocate what the
+        captured one needs.
+        """
+        saved_tables, saved_lens = self.block_tables.clone(), self.seq_lens.clone()
+        try:
+            for _ in range(2):
+                self.block_tables.fill_(self.cache.scratch_block)
+                self.seq_lens.zero_()
+                self._step()
+        finally:
+            self.block_tables.copy_(saved_tables)
+            self.seq_lens.copy_(saved_lens)
+
     def _capture(self) -> None:
         """Warm up on a side stream (kernels compile, libraries allocate), then record one step."""
-        saved = self.seq_lens.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # writes into slots that later steps overwrite before reading them
-                self._step()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(side)
-        self.seq_lens.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._step()

@@ -76,15 +76,17 @@ class StepMetadata:
 
 
 class PagedKVCache:
-    """K and V pools [n_layer, num_blocks, block_size, n_head, head_dim], and the sequences that use them.
+    """K and V pools [n_layer, num_blocks + 1, block_size, n_head, head_dim], and the sequences that use them.
 
     A sequence is a slot in `self.tables` (list of block ids) and `self.lengths` (tokens cached so far).
+    Block `scratch_block` (= num_blocks, the pool's last) is never allocated: steps whose K/V nobody will read
+    (CUDA-graph warm-ups, padded rows of a batch) point their block tables there.
     """
 
     def __init__(self, n_layer, num_blocks, block_size, n_head, head_dim, dtype, device):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        shape = (n_layer, num_blocks, block_size, n_head, head_dim)
+        shape = (n_layer, num_blocks + 1, block_size, n_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
@@ -94,6 +96,11 @@ class PagedKVCache:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks the allocator hands out (the scratch block is not one of them)."""
+        return self.allocator.num_blocks
+
+    @property
+    def scratch_block(self) -> int:
         return self.allocator.num_blocks
 
     @property

@@ -245,14 +245,26 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         self.kv_cache, self._decode_steps = None, {}
 
     def decode_step(self, cache: PagedKVCache) -> DecodeStep:
-        """The decode step for the cache's current sequences (one per batch size, reused across requests)."""
+        """The decode step for the cache's current sequences (one per batch size, reused across requests while the
+        cache and the weights it reads stay the same)."""
         batch = len(cache.tables)
         step = self._decode_steps.get(batch)
-        if step is None or step.cache is not cache:
+        key = self._weights_key()
+        if step is None or step.cache is not cache or step.weights_key != key:
             use_graph = self.use_cuda_graph and graphs_enabled(self.backend(), self.device)
             step = self._decode_steps[batch] = DecodeStep(self, cache, batch, use_graph)
+            step.weights_key = key
         step.load(cache.tables, cache.lengths)
         return step
+
+    def _weights_key(self) -> tuple:
+        """What a captured decode graph depends on besides its cache: the backend, the fusion, and the address of
+        every weight it reads. A graph replays raw pointers, so once model.to(), a load, or switching the fusion
+        on or off replaces a tensor, the old graph would read freed memory: a new key makes a new step."""
+        backend, fused = self.backend(), self.fused()
+        weights = [t for layer in self.fused_weights() for t in layer] if fused else (self._unfuse() or [])
+        weights += list(self.parameters())
+        return (backend, fused, self.rope().data_ptr(), *(t.data_ptr() for t in weights))
 
     @torch.inference_mode()
     def forward_step(self, input_ids: torch.Tensor, meta: StepMetadata, cache: PagedKVCache) -> torch.Tensor:
