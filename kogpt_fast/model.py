@@ -127,7 +127,8 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
     @classmethod
     def from_hf(cls, hf_model, *, backend: str = "auto") -> "KoGPTForCausalLM":
         """Ours over a loaded `transformers.GPTJForCausalLM`'s own tensors (no copy; its device and dtype), with
-        its config and generation_config: an app that holds the HF model swaps in one line."""
+        its config and generation_config: an app that holds the HF model swaps in one line. The first forward
+        lays the projections out for the backend's GEMMs (fused_weights, _gemm_layout), as for a loaded model."""
         from .loader import model_from_hf
 
         return model_from_hf(cls, hf_model, backend=backend)
