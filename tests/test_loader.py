@@ -201,3 +201,21 @@ def test_from_state_dict_shares_the_tensors(hf_model, expected_tokens):
     del state["transformer.h.1.ln_1.bias"]
     with pytest.raises(CheckpointError, match="missing tensor transformer.h.1.ln_1.bias"):
         KoGPTForCausalLM.from_state_dict(config, state)
+
+
+def test_a_device_that_is_not_here_is_a_clear_error(safetensors_dir, expected_tokens):
+    """from_pretrained(device=...), model.to(...) and model.cuda() say what is missing instead of torch's
+    AssertionError("Torch not compiled with CUDA enabled"); the model stays usable."""
+    from kogpt_fast.backends import DeviceUnavailable
+
+    missing, index = ("cuda:99", 99) if torch.cuda.is_available() else ("cuda", None)
+    reason = "only" if torch.cuda.is_available() else "built without CUDA|no CUDA device is visible"
+    with pytest.raises(DeviceUnavailable, match=reason):
+        KoGPTForCausalLM.from_pretrained(safetensors_dir, device=missing)
+    model = load(safetensors_dir)
+    for move in (lambda: model.to(missing), lambda: model.to(device=missing, non_blocking=True),
+                 lambda: model.cuda(index)):
+        with pytest.raises(DeviceUnavailable, match=reason):
+            move()
+    assert model.device.type == "cpu"
+    check_generates_like_hf(model, expected_tokens)
