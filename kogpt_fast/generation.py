@@ -172,8 +172,9 @@ def too_long(prompt_tokens: int, new_tokens: int, width: int, n_positions: int) 
     room = n_positions + 1 - prompt_tokens
     if room < 1:
         return f"the prompt has {prompt_tokens} tokens, more than this model's context of n_positions={n_positions}"
+    fits = "1 new token fits" if room == 1 else f"{room} new tokens fit"
     return (f"a prompt of {prompt_tokens} tokens and {new_tokens} new tokens do not fit in this model's context "
-            f"(n_positions={n_positions}): at most {room} new tokens fit after this prompt (max_new_tokens={room}, "
+            f"(n_positions={n_positions}): at most {fits} after this prompt (max_new_tokens={room}, "
             f"or max_length={width + room})")
 
 
