@@ -1,14 +1,17 @@
-"""`python -m kogpt_fast` / `kogpt-fast`: KoGPT's prompt loop, a one-shot mode, and `convert`.
+"""`python -m kogpt_fast` / `kogpt-fast`: KoGPT's prompt loop, a one-shot mode, `convert` and `serve`.
 
     kogpt-fast                         # prompt> / temperature(0.8)> / max_length(128)> on the demo model
     kogpt-fast --model PATH --prompt "..." --max-new-tokens 64
     kogpt-fast convert SRC DST [--dtype float16]
+    kogpt-fast serve [--model PATH] [--port 8000]     # the OpenAI-compatible HTTP server (the serve extra)
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -123,6 +126,71 @@ def convert_main(argv: list[str]) -> int:
         return report(e, args.debug)
     print(f"wrote {out}")
     return 0
+
+
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kogpt-fast serve",
+        description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/models, /health, /metrics).",
+    )
+    model = p.add_argument_group("model (as for the prompt loop)")
+    model.add_argument("--model", default=None,
+                       help="checkpoint directory, or a hub id that the local Hugging Face cache holds "
+                       "(default: the embedded demo model)")
+    model.add_argument("--revision", default=None, help="the hub revision of --model")
+    model.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    model.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                       help="default: float16 on cuda, float32 on cpu")
+    model.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=count(0), default=8000)
+    server.add_argument("--api-key", default=os.environ.get("KOGPT_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $KOGPT_API_KEY; none: open)")
+    server.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: --model, or kogpt-fast-demo)")
+    server.add_argument("--max-running", type=count(1), default=32, help="requests in the running batch at most")
+    server.add_argument("--max-queue", type=count(1), default=1024,
+                        help="requests waiting at most; beyond it a request gets a 429 with Retry-After")
+    server.add_argument("--max-batch-tokens", type=count(1), default=512,
+                        help="tokens one engine step runs at most (the chunked-prefill budget)")
+    server.add_argument("--grace-period", type=float, default=30.0,
+                        help="seconds SIGTERM lets running requests finish before aborting them")
+    p.add_argument("-d", "--debug", action="store_true", help="access logs, timings and tracebacks")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: kogpt-fast serve needs {', '.join(missing)}: install the serve extra, "
+              "pip install 'kogpt-fast[serve]' (from a checkout: pip install -e '.[serve]')", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        tokenizer, model = load(args)
+        from .loader import model_dir
+        from .serving import AsyncEngine, Engine
+        from .serving.chat import load_chat_template
+        from .serving.server import ServerState, run
+
+        engine = Engine(model, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
+                        max_waiting=args.max_queue)
+        name = args.served_model_name or args.model or "kogpt-fast-demo"
+        state = ServerState(AsyncEngine(engine), tokenizer, name, api_key=args.api_key,
+                            chat_template=load_chat_template(model_dir(args.model, revision=args.revision)))
+        print(f"kogpt-fast: serving {name!r} ({model.device}, {model.dtype}, {engine.blocks.num_blocks} KV blocks) "
+              f"at http://{args.host}:{args.port}/v1{' (API key required)' if args.api_key else ''}",
+              file=sys.stderr, flush=True)
+        run(state, args.host, args.port, args.grace_period, access_log=args.debug)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        return report(e, args.debug)
 
 
 def report(error: Exception, debug: bool, out=None) -> int:
@@ -247,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
         return convert_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
