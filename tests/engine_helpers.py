@@ -102,8 +102,8 @@ def blocks_written_by_each_step(engine):
     allocated = []
     allocate = engine.blocks.allocate
 
-    def recording(n):
-        blocks = allocate(n)
+    def recording(n, **kw):
+        blocks = allocate(n, **kw)
         allocated.extend(blocks)
         return blocks
 
