@@ -14,6 +14,7 @@ The asyncio interface is async_engine.AsyncEngine.
 from __future__ import annotations
 
 import itertools
+import numbers
 import random
 import time
 from collections import deque
@@ -160,9 +161,9 @@ class Engine:
             raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
         vocab = self.model.config.vocab_size
         for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt_ids holds {t!r}, not a token id in the vocabulary [0, {vocab})")
-        return list(prompt_ids)
+        return [int(t) for t in prompt_ids]
 
     def abort(self, request: Request) -> None:
         """Stop a request at the next step: its blocks are given back, its last event has finish_reason "abort"."""
