@@ -36,11 +36,15 @@ def greedy(n, **kw):
     return SamplingParams(max_new_tokens=n, **kw)
 
 
-def test_demo_greedy_equals_generate_with_chunks_prefix_hits_and_preemptions(demo):
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(max_batch_tokens=48, max_running=5, num_blocks=24),  # 384 tokens for the ~1200 the requests want
+    dict(max_batch_tokens=33, max_running=7, num_blocks=45, block_size=8),  # 360 tokens, odd chunks
+], ids=["blocks16", "blocks8"])
+def test_demo_greedy_equals_generate_with_chunks_prefix_hits_and_preemptions(demo, engine_kwargs):
     """Prompts of 1 to n_positions / 2 tokens arrive over several steps into a pool too small for all of them."""
     v, half = demo.config.vocab_size, demo.config.n_positions // 2
     prompts = random_prompts([1, 17, half, 40, 100, 3, 200, 64], v, seed=1)
-    engine = Engine(demo, max_batch_tokens=48, max_running=5, num_blocks=24)  # 384 tokens for ~1200 wanted
+    engine = Engine(demo, **engine_kwargs)
     log = StepLog(engine)
     # Some may stop at eos early; the others (min_new_tokens) grow until the pool must preempt.
     params = [greedy(n, min_new_tokens=n if i % 2 else 0) for i, n in enumerate([24, 32, 16, 28, 24, 20, 24, 28])]
