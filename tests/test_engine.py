@@ -333,3 +333,26 @@ def test_chunked_extend_logits_equal_one_prefill(small):
     finally:
         cache.release()
     torch.testing.assert_close(torch.cat(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_strings_as_generate(demo):
+    from kogpt_fast import KoGPTTokenizer
+
+    tokenizer = KoGPTTokenizer.from_pretrained(None)
+    prompt = tokenizer.encode("국회는")
+    engine = Engine(demo, tokenizer=tokenizer)
+    free = engine.add_request(prompt, greedy(30, eos_token_ids=()))
+    engine.run()
+    text = tokenizer.decode(free.output_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 2].strip() or text[-2:]  # a string from the middle of the output
+    stopped = engine.add_request(prompt, greedy(30, eos_token_ids=(), stop_strings=(stop, "없는문자열")))
+    events = list(engine.stream(stopped))
+    expected = demo.generate(torch.tensor([prompt]), max_new_tokens=30, eos_token_id=[], stop_strings=stop,
+                             tokenizer=tokenizer)[0, len(prompt):].tolist()
+    assert stopped.output_ids == expected and len(expected) < 30
+    assert events[-1].finish_reason == "stop" and events[-1].stop_string == stop
+    assert stop in tokenizer.decode(stopped.output_ids)
+    with pytest.raises(ValueError, match="stop_strings need the model's tokenizer"):
+        Engine(demo).add_request(prompt, greedy(4, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="stop_strings must be a list of non-empty strings"):
+        engine.add_request(prompt, greedy(4, stop_strings="x"))
