@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine_helpers import assert_greedy_equals_generate
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture)
 from hf_reference import random_hf_model
 from kogpt_fast import KoGPTForCausalLM
 from kogpt_fast.serving import Engine, SamplingParams
