@@ -13,6 +13,9 @@ Ops are looked up by the names of kogpt_fast/reference.py on each backend's ops 
                        Baseline: SDPA (flash), which does the attention only.
   decode_attention     one new token per sequence over a paged cache of `context` tokens, RoPE and cache write
                        included. Baseline: SDPA over a contiguous [B, H, context, D] cache.
+  extend_attention     a chunk of T new tokens over `cached` paged tokens of its sequence (chunked prefill, a
+                       prefix-cache hit), causal among themselves, RoPE and cache write included. Baseline: SDPA
+                       over a contiguous cache with the chunk's causal mask.
   write_kv_cache       K and V of N tokens into the block pool at slot_mapping. Baseline: index_copy_.
   layer_norm           [M, d]. Baseline: F.layer_norm.
 
@@ -70,17 +73,18 @@ class Shapes:
     decode_batch: list[int]
     kv_write: list[int]
     layer_norm: list[int]
+    extend: list[tuple[int, int]] = field(default_factory=list)  # (new tokens T, cached tokens)
 
 
 def shapes_for(device: torch.device, quick: bool) -> Shapes:
     if device.type != "cuda":  # tiny shapes: a smoke test of the machinery, seconds on a CPU
         if quick:
-            return Shapes([1, 16], [32], [32], [1, 4], [16], [16])
-        return Shapes([1, 4, 16, 64], [16, 64], [16, 64], [1, 4], [4, 64], [1, 64])
+            return Shapes([1, 16], [32], [32], [1, 4], [16], [16], [(16, 32)])
+        return Shapes([1, 4, 16, 64], [16, 64], [16, 64], [1, 4], [4, 64], [1, 64], [(16, 32), (64, 64)])
     if quick:
-        return Shapes([1, 64, 2048], [128, 2048], [512, 2048], [1, 64], [64, 2048], [1, 2048])
+        return Shapes([1, 64, 2048], [128, 2048], [512, 2048], [1, 64], [64, 2048], [1, 2048], [(512, 1536)])
     return Shapes([1, 4, 16, 64, 256, 2048], [128, 512, 2048], [128, 512, 2048], [1, 16, 64], [1, 64, 2048],
-                  [1, 64, 2048])
+                  [1, 64, 2048], [(128, 1920), (512, 1536), (512, 0)])
 
 
 class _Random:
@@ -312,6 +316,38 @@ def decode_cases(c: GPTJConfig, contexts: list[int], batches: list[int], device,
     return cases
 
 
+def extend_cases(c: GPTJConfig, shapes: list[tuple[int, int]], device, dtype) -> list[Case]:
+    h, dh = c.n_head, c.head_dim
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for t, cached in shapes:
+        def op_call(ops, i, t=t, cached=cached):
+            r = _Random(device, dtype, f"extend/{t}/{cached}/{i}")
+            q, k, v = (r.randn(t, h, dh) for _ in range(3))
+            cache = _paged_cache(c, [cached], t, device, dtype, r)
+            meta = cache.plan([t], torch.arange(cached, cached + t), is_prefill=True)
+            rope = ops.rope_table(c.n_positions, c.rotary_dim, device)
+            return lambda: ops.extend_attention(q, k, v, meta, cache.k[0], cache.v[0], rope, c.rotary_dim)
+
+        def baseline_call(i, t=t, cached=cached):
+            r = _Random(device, dtype, f"extend-sdpa/{t}/{cached}/{i}")
+            q = r.randn(1, h, t, dh)
+            k, v = r.randn(1, h, cached + t, dh), r.randn(1, h, cached + t, dh)
+            mask = torch.ones(t, cached + t, dtype=torch.bool, device=device).tril(cached)  # row i sees cached + i
+            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        new = 4 * t * h * dh * elt  # q, k, v in, out
+        kv = 2 * (cached + t) * h * dh * elt
+        cases.append(Case(
+            op="extend_attention", name="extend", params={"T": t, "cached": cached, "H": h, "D": dh},
+            bytes=new + kv, flops=4 * h * dh * t * (cached + (t + 1) / 2), set_bytes=new + kv, op_call=op_call,
+            baseline_name="sdpa-contiguous-masked", baseline_call=baseline_call, baseline_bytes=new + kv,
+            notes=["the op reads a paged cache, applies RoPE and writes the chunk's K, V; the baseline attends "
+                   "over a contiguous cache with a mask"],
+        ))
+    return cases
+
+
 def kv_write_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
     h, dh = c.n_head, c.head_dim
     elt = torch.tensor([], dtype=dtype).element_size()
@@ -372,7 +408,8 @@ def layer_norm_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Ca
 
 
 # The order of the tables and plots.
-NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "fused_in", "ln_fused_in", "fused_out", "prefill", "decode", "kv_write", "layer_norm")
+NAME_ORDER = ("qkv", "out_proj", "fc_in", "fc_out", "lm_head", "fused_in", "ln_fused_in", "fused_out", "prefill", "extend",
+              "decode", "kv_write", "layer_norm")
 
 
 def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
@@ -384,6 +421,7 @@ def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
         + fused_cases(c, first, device, dtype)
         + decode_cases(c, shapes.decode_context, shapes.decode_batch, device, dtype)
         + prefill_cases(c, shapes.prefill, device, dtype)
+        + extend_cases(c, shapes.extend, device, dtype)
         + projection_cases(c, rest, device, dtype)
         + fused_cases(c, rest, device, dtype)
         + kv_write_cases(c, shapes.kv_write, device, dtype)

@@ -158,7 +158,7 @@ def summary(data: dict) -> str:
             best.setdefault(r["label"], {})[r["impl"]] = r
     for label, impls in best.items():
         r0 = next(iter(impls.values()))
-        if not (r0["op"] in ("prefill_attention", "decode_attention") or r0["params"].get("M") == 1):
+        if not (r0["op"] in ("prefill_attention", "extend_attention", "decode_attention") or r0["params"].get("M") == 1):
             continue  # the summary keeps decode-shaped projections and the attention kernels
         cells = [f"{impl} {_fmt(r['time'])}us {_pct(r['fraction_of_roofline'])}" for impl, r in impls.items()]
         lines.append(f"  {label}: " + " | ".join(cells))

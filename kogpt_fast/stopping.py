@@ -36,14 +36,18 @@ class StopStrings:
         return torch.tensor(done, dtype=torch.bool, device=sequences.device)
 
     def ends_in_stop(self, ids: list[int]) -> bool:
+        return self.match(ids) is not None
+
+    def match(self, ids: list[int]) -> str | None:
+        """The first stop string whose match ends inside the newest of ids, or None."""
         text = self.tokenizer.decode(ids)
         before = self.tokenizer.decode(ids[:-1]) if len(ids) > 1 else ""
         newest = common_prefix_length(before, text)  # where the newest token's text begins
         for stop in self.strings:
             last = text.rfind(stop)
             if last >= 0 and last + len(stop) > newest:
-                return True
-        return False
+                return stop
+        return None
 
 
 def common_prefix_length(a: str, b: str) -> int:

@@ -2,6 +2,7 @@
 under the margin rule (a difference is allowed only where the reference's own top-2 logit margin is below 1e-4)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from margin_rule import teacher_forced_logits, ulp
@@ -102,8 +103,8 @@ def blocks_written_by_each_step(engine):
     allocated = []
     allocate = engine.blocks.allocate
 
-    def recording(n):
-        blocks = allocate(n)
+    def recording(n, **kw):
+        blocks = allocate(n, **kw)
         allocated.extend(blocks)
         return blocks
 
@@ -121,3 +122,13 @@ def blocks_written_by_each_step(engine):
         scratch_written |= scratch in changed
     engine.blocks.allocate = allocate
     return scratch_written
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The engine tests' tiny steps on one intra-op thread (restored after the module): on a shared 2-core machine
+    OpenMP threads waiting for busy cores made them 5-50x slower (bench/run.py does the same for its CPU run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

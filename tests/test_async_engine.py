@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine_helpers import assert_pool_is_clean, generate_alone, random_prompts
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture)
 from hf_reference import random_hf_model
 from kogpt_fast import KoGPTForCausalLM
 from kogpt_fast.serving import AsyncEngine, Engine, EngineClosed, EngineError, QueueFull, SamplingParams

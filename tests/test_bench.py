@@ -24,7 +24,7 @@ from bench.timing import MAX_COPIES, copies_for  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 REFERENCE_OPS = {"linear", "linear_gelu", "linear_split_gelu", "linear_concat_residual",
-                 "layer_norm_linear_split_gelu", "prefill_attention",
+                 "layer_norm_linear_split_gelu", "prefill_attention", "extend_attention",
                  "decode_attention", "write_kv_cache", "layer_norm"}
 
 

@@ -78,6 +78,21 @@ def test_a_duplicate_content_stays_private():
     bm.check()
 
 
+def test_sequences_are_spread_out_and_grow_into_consecutive_blocks():
+    bm = BlockManager(32, 2)
+    a = bm.allocate(2, room=3)  # centred in the empty pool
+    b = bm.allocate(2, room=3)  # centred in the largest run left: [0, 15)
+    assert a == [15, 16] and b == [6, 7]
+    a += bm.allocate(1, after=a[-1])
+    b += bm.allocate(2, after=b[-1])
+    assert a == [15, 16, 17] and b == [6, 7, 8, 9]
+    c = bm.allocate(3, room=20)  # the largest run is [18, 32): room for 11, the run's end
+    assert c == [18, 19, 20]
+    bm.release(a)
+    assert bm.allocate(2, after=9)[0] == 10  # 10 and 11 are free: b goes on
+    bm.check()
+
+
 def test_register_refuses_partial_or_unused_blocks():
     bm = BlockManager(2, 4)
     (block,) = bm.allocate(1)
@@ -113,14 +128,15 @@ class Sequences(RuleBasedStateMachine):
             parent = seq["ids"][-1] if seq["ids"] else ROOT
             seq["ids"].append(self.bm.register(block, parent, self.content[block]))
 
-    @rule(prompt=TOKENS)
-    def start(self, prompt):
+    @rule(prompt=TOKENS, room=st.integers(0, 4))
+    def start(self, prompt, room):
         bs = self.bm.block_size
         hit, ids = self.bm.match_prefix(prompt, max_blocks=(len(prompt) - 1) // bs)
         for i, block in enumerate(hit):  # its tokens and everything before them are the prompt's
             assert self.history[block] == prompt[:(i + 1) * bs], "a prefix hit holds another prefix's K/V"
         try:
-            fresh = self.bm.allocate(self.bm.blocks_for(len(prompt)) - len(hit))
+            fresh = self.bm.allocate(self.bm.blocks_for(len(prompt)) - len(hit), after=hit[-1] if hit else None,
+                                     room=0 if hit else room)
         except KVCacheExhausted:
             self.bm.release(hit)
             return
@@ -135,7 +151,7 @@ class Sequences(RuleBasedStateMachine):
         seq = self.seqs[which % len(self.seqs)]
         if len(seq["tokens"]) == len(seq["blocks"]) * self.bm.block_size:
             try:
-                seq["blocks"] += self.bm.allocate(1)
+                seq["blocks"] += self.bm.allocate(1, after=seq["blocks"][-1] if seq["blocks"] else None)
             except KVCacheExhausted:
                 return
         self.write(seq, token)

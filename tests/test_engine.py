@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture)
 from engine_helpers import (
     StepLog, assert_greedy_equals_generate, assert_pool_is_clean, blocks_written_by_each_step, generate_alone,
     random_prompts, run_arrivals,
@@ -36,11 +37,15 @@ def greedy(n, **kw):
     return SamplingParams(max_new_tokens=n, **kw)
 
 
-def test_demo_greedy_equals_generate_with_chunks_prefix_hits_and_preemptions(demo):
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(max_batch_tokens=48, max_running=5, num_blocks=24),  # 384 tokens for the ~1200 the requests want
+    dict(max_batch_tokens=33, max_running=7, num_blocks=45, block_size=8),  # 360 tokens, odd chunks
+], ids=["blocks16", "blocks8"])
+def test_demo_greedy_equals_generate_with_chunks_prefix_hits_and_preemptions(demo, engine_kwargs):
     """Prompts of 1 to n_positions / 2 tokens arrive over several steps into a pool too small for all of them."""
     v, half = demo.config.vocab_size, demo.config.n_positions // 2
     prompts = random_prompts([1, 17, half, 40, 100, 3, 200, 64], v, seed=1)
-    engine = Engine(demo, max_batch_tokens=48, max_running=5, num_blocks=24)  # 384 tokens for ~1200 wanted
+    engine = Engine(demo, **engine_kwargs)
     log = StepLog(engine)
     # Some may stop at eos early; the others (min_new_tokens) grow until the pool must preempt.
     params = [greedy(n, min_new_tokens=n if i % 2 else 0) for i, n in enumerate([24, 32, 16, 28, 24, 20, 24, 28])]
@@ -329,3 +334,26 @@ def test_chunked_extend_logits_equal_one_prefill(small):
     finally:
         cache.release()
     torch.testing.assert_close(torch.cat(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_strings_as_generate(demo):
+    from kogpt_fast import KoGPTTokenizer
+
+    tokenizer = KoGPTTokenizer.from_pretrained(None)
+    prompt = tokenizer.encode("국회는")
+    engine = Engine(demo, tokenizer=tokenizer)
+    free = engine.add_request(prompt, greedy(30, eos_token_ids=()))
+    engine.run()
+    text = tokenizer.decode(free.output_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 2].strip() or text[-2:]  # a string from the middle of the output
+    stopped = engine.add_request(prompt, greedy(30, eos_token_ids=(), stop_strings=(stop, "없는문자열")))
+    events = list(engine.stream(stopped))
+    expected = demo.generate(torch.tensor([prompt]), max_new_tokens=30, eos_token_id=[], stop_strings=stop,
+                             tokenizer=tokenizer)[0, len(prompt):].tolist()
+    assert stopped.output_ids == expected and len(expected) < 30
+    assert events[-1].finish_reason == "stop" and events[-1].stop_string == stop
+    assert stop in tokenizer.decode(stopped.output_ids)
+    with pytest.raises(ValueError, match="stop_strings need the model's tokenizer"):
+        Engine(demo).add_request(prompt, greedy(4, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="stop_strings must be a list of non-empty strings"):
+        engine.add_request(prompt, greedy(4, stop_strings="x"))

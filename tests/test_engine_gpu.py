@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture)
 from engine_helpers import (
     StepLog, assert_greedy_equals_generate, assert_pool_is_clean, blocks_written_by_each_step, random_prompts,
 )

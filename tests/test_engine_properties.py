@@ -2,7 +2,7 @@
 
 After every step the block manager's states are consistent and each block's reference count is the number of running
 requests that hold it; at the end, after any mix of finished, aborted and preempted requests, every block is free or
-held by the prefix cache, and every request has ended the way it should have.
+held by the prefix cache, every request has ended the way it should have, and greedy ones have generate()'s tokens.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from engine_helpers import assert_greedy_equals_generate
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture)
 from hf_reference import random_hf_model
 from kogpt_fast import KoGPTForCausalLM
 from kogpt_fast.serving import Engine, SamplingParams
@@ -43,7 +45,7 @@ def check_holders(engine):
     assert all(not r.blocks for r in engine.scheduler.waiting)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     num_blocks=st.integers(4, 40), block_size=st.integers(1, 5), max_batch_tokens=st.integers(1, 24),
     max_running=st.integers(1, 6), steps=st.lists(STEP, min_size=1, max_size=12), seed=st.integers(0, 99),
@@ -93,3 +95,6 @@ def test_blocks_are_free_or_cached_after_any_traffic(tiny, num_blocks, block_siz
             assert request.num_new == request.params.max_new_tokens
         else:
             assert request.finish_reason == "stop" and request.output_ids[-1] in request.eos
+    # Whatever happened around them (preemption, prefix hits, chunks), greedy requests give generate()'s tokens.
+    greedy = [r for r in accepted if r.finish_reason != "abort" and r.params.greedy and r.num_new][:3]
+    assert_greedy_equals_generate(tiny, greedy)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on the CPU interpreter
 pytest.importorskip("triton", reason="triton is not installed")
 
+from engine_helpers import one_cpu_thread  # noqa: E402, F401  (an autouse fixture)
 from engine_helpers import (  # noqa: E402
     StepLog, assert_greedy_equals_generate, assert_pool_is_clean, random_prompts, run_arrivals,
 )

@@ -66,3 +66,15 @@ def test_model_card_snippet_runs_from_the_hub_cache(tmp_path):
     prompt = "인간처럼 생각하고, 행동하는 '지능'을 통해 인류가 이제까지 풀지 못했던"
     assert result.stdout.startswith(prompt)
     assert len(re.findall(r"[\uac00-\ud7a3]", result.stdout[len(prompt):])) > 3  # Korean text follows (sampled)
+
+
+def test_serving_examples_run():
+    """The engine section's two Python examples (sync and asyncio) run as written."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Serving: the engine"):text.index("## The CLI")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()

@@ -14,6 +14,7 @@ one prompt another's K/V. Plain Python: it runs once per step, not per layer.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 
 from ..kv_cache import KVCacheExhausted
@@ -29,7 +30,8 @@ class BlockManager:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = bytearray(b"\x01" * num_blocks)  # 1: free. Runs of free blocks are found with bytes.find
+        self._num_free = num_blocks
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks with a key, oldest first
         self._by_key: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # key -> (block, content id)
         self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its key
@@ -39,7 +41,7 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks that allocate() can hand out: free ones and cached ones (evicted on the way)."""
-        return len(self._free) + len(self._cached)
+        return self._num_free + len(self._cached)
 
     @property
     def num_cached(self) -> int:
@@ -47,28 +49,53 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free) - len(self._cached)
+        return self.num_blocks - self._num_free - len(self._cached)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
     # ---- allocation ----
-    def allocate(self, n: int) -> list[int]:
-        """n blocks for one sequence's new tokens (ref_count 1), evicting the least recently used cached ones."""
+    def allocate(self, n: int, after: int | None = None, room: int = 0) -> list[int]:
+        """n blocks for one sequence's new tokens (ref_count 1).
+
+        Where the pool allows, a sequence's blocks are consecutive (the CPU reference attention then reads them in
+        place, without a gather): they continue its last block `after`, or, for a new sequence, sit in the largest
+        free run, centred but with `room` free blocks behind them to grow into (the free blocks before them are the
+        room of the sequence before). Otherwise any free blocks, lowest first, then the least recently used cached
+        ones (evicted).
+        """
         if n > self.num_free:
             raise KVCacheExhausted(
                 f"KV cache exhausted: {n} more blocks needed, {self.num_free} free of a capacity of "
                 f"{self.num_blocks} blocks"
             )
-        blocks = []
-        for _ in range(n):
-            if self._free:
-                block = self._free.pop()
-            else:
-                block, _ = self._cached.popitem(last=False)
-                del self._by_key[self._key_of.pop(block)]
-            self.ref_counts[block] = 1
+        if n == 0:
+            return []
+        start = -1
+        if after is not None and self._free[after + 1:after + 1 + n] == b"\x01" * n:
+            start = after + 1
+        elif after is None:
+            run = max(re.finditer(b"\x01+", self._free), key=lambda m: m.end() - m.start(), default=None)
+            if run is not None and run.end() - run.start() >= n:
+                centred = run.start() + (run.end() - run.start() - n) // 2
+                start = max(run.start(), min(centred, run.end() - n - room))
+        if start < 0:
+            start = self._free.find(b"\x01" * n)
+        if start >= 0:
+            blocks = list(range(start, start + n))
+        else:
+            blocks, pos = [], -1
+            while len(blocks) < n and (pos := self._free.find(1, pos + 1)) >= 0:
+                blocks.append(pos)
+        for block in blocks:
+            self._free[block] = 0
+        self._num_free -= len(blocks)
+        while len(blocks) < n:
+            block, _ = self._cached.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)]
             blocks.append(block)
+        for block in blocks:
+            self.ref_counts[block] = 1
         return blocks
 
     def release(self, blocks: list[int]) -> None:
@@ -82,7 +109,8 @@ class BlockManager:
                 if block in self._key_of:
                     self._cached[block] = None
                 else:
-                    self._free.append(block)
+                    self._free[block] = 1
+                    self._num_free += 1
 
     # ---- the prefix cache ----
     def match_prefix(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
@@ -126,8 +154,8 @@ class BlockManager:
 
     def check(self) -> None:
         """AssertionError unless every block is in exactly one state and the prefix cache is consistent (tests)."""
-        free, cached = set(self._free), set(self._cached)
-        assert len(free) == len(self._free), "a block is free twice"
+        free, cached = {b for b, f in enumerate(self._free) if f}, set(self._cached)
+        assert len(free) == self._num_free, "the free count is off"
         assert not free & cached, "a block is both free and cached"
         for block, count in enumerate(self.ref_counts):
             assert count >= 0, f"block {block} has ref_count {count}"

@@ -14,6 +14,7 @@ The asyncio interface is async_engine.AsyncEngine.
 from __future__ import annotations
 
 import itertools
+import numbers
 import random
 import time
 from collections import deque
@@ -25,6 +26,7 @@ import torch
 from ..decode import DecodeStep, graphs_enabled
 from ..generation import _as_list
 from ..kv_cache import PagedKVCache, build_step_metadata
+from ..stopping import StopStrings
 from .block_manager import BlockManager
 from .request import Request, RequestOutput, SamplingParams, Status
 from .sampler import generation_config, sample, token_logprobs
@@ -65,18 +67,18 @@ class Engine:
     once; max_waiting: the queue bound (add_request raises QueueFull beyond it); num_blocks: the pool (default: room
     for max_running sequences of n_positions tokens, within CUDA_POOL_FRACTION of the free GPU memory);
     decode_buckets: the batch sizes decode-only steps are padded to (default DECODE_BUCKETS where CUDA graphs run,
-    else none: the exact batch).
+    else none: the exact batch); tokenizer: the model's (KoGPTTokenizer), needed by requests with stop_strings.
     """
 
     def __init__(self, model, *, max_batch_tokens: int = 512, max_running: int = 32, max_waiting: int = 1024,
                  num_blocks: int | None = None, block_size: int | None = None, prefix_caching: bool = True,
-                 decode_buckets: tuple[int, ...] | None = None):
+                 decode_buckets: tuple[int, ...] | None = None, tokenizer=None):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_running", max_running),
                             ("max_waiting", max_waiting)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         c = model.config
-        self.model = model
+        self.model, self.tokenizer = model, tokenizer
         block_size = block_size or model.kv_block_size
         if num_blocks is None:
             num_blocks = default_num_blocks(model, max_running, block_size)
@@ -123,6 +125,8 @@ class Engine:
                 f"needs {self.blocks.blocks_for(fed)} KV blocks of {self.blocks.block_size} tokens, more than the "
                 f"engine's pool of {self.blocks.num_blocks}"
             )
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer: Engine(model, tokenizer=...)")
         if len(self.scheduler.waiting) + len(self._inbox) >= self.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests): try again later")
         eos = frozenset(params.eos_token_ids) if params.eos_token_ids is not None else self._eos
@@ -136,6 +140,8 @@ class Engine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         request.config = generation_config(params, eos)
+        if params.stop_strings:
+            request.stop_strings = StopStrings(list(params.stop_strings), self.tokenizer, [len(prompt)])
         self._counts["prompt_tokens"] += len(prompt)
         if params.max_new_tokens == 0 and params.prompt_logprobs is None:
             self._finish(request, "length")  # nothing to run
@@ -160,9 +166,9 @@ class Engine:
             raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
         vocab = self.model.config.vocab_size
         for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt_ids holds {t!r}, not a token id in the vocabulary [0, {vocab})")
-        return list(prompt_ids)
+        return [int(t) for t in prompt_ids]
 
     def abort(self, request: Request) -> None:
         """Stop a request at the next step: its blocks are given back, its last event has finish_reason "abort"."""
@@ -307,6 +313,11 @@ class Engine:
             out = request.token_ids
             stop = next((tuple(s) for s in p.stop if n >= len(s) and tuple(out[-len(s):]) == tuple(s)), None)
             reason = "stop" if stop is not None else None
+        if reason is None and n >= p.min_new_tokens and request.stop_strings is not None:
+            matcher = request.stop_strings
+            request.stop_string = matcher.match(request.token_ids[max(request.prompt_len,
+                                                                      len(request.token_ids) - matcher.window):])
+            reason = "stop" if request.stop_string is not None else None
         if reason is None and n >= p.max_new_tokens:
             reason = "length"
         event = RequestOutput(request.request_id, [token], logprobs=[logprob] if logprob is not None else None,
@@ -332,6 +343,7 @@ class Engine:
         if event is None:
             event = RequestOutput(request.request_id, [], prompt_logprobs=self._take_prompt_logprobs(request))
         event.finished, event.finish_reason, event.stop_sequence, event.error = True, reason, stop, error
+        event.stop_string = request.stop_string
         request.emit(event)
         return event
 

@@ -23,7 +23,9 @@ class SamplingParams:
     prompt and the new tokens), then temperature, top_k (0: off), top_p; presence_penalty and frequency_penalty
     (OpenAI's semantics: subtracted once per distinct new token / once per occurrence, over the new tokens only) come
     first of all. eos_token_ids None means the model's eos; () means none. A stop sequence (token ids) ends the request
-    once the new tokens end with it (it is kept in the output; the final event names it). logprobs: how many top
+    once the new tokens end with it (it is kept in the output; the final event names it); stop_strings likewise, on
+    the text of the new tokens as generate(stop_strings=) matches them (kogpt_fast.stopping; the engine needs a
+    tokenizer). logprobs: how many top
     alternatives each new token reports besides its own logprob (None: no logprobs); prompt_logprobs: the same for
     each prompt token after the first (echo). Logprobs are of the model's distribution, before any processing.
     A seed makes sampling reproducible whatever else runs in the batch.
@@ -41,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     eos_token_ids: tuple[int, ...] | None = None
     stop: tuple[tuple[int, ...], ...] = ()
+    stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -86,6 +89,8 @@ class SamplingParams:
             if not isinstance(seq, (tuple, list)) or not seq:
                 raise ValueError(f"stop must be a list of non-empty token id sequences, got {self.stop!r}")
             token_ids("stop", seq)
+        if isinstance(self.stop_strings, str) or not all(isinstance(x, str) and x for x in self.stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 integer(name, 0, MAX_LOGPROBS)
@@ -111,6 +116,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_sequence: tuple[int, ...] | None = None  # the stop sequence or (eos id,) that ended it
+    stop_string: str | None = None  # the stop string that ended it (its text is in the output: trim it)
     error: str | None = None  # the engine failed; the request was aborted
 
 
@@ -135,6 +141,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_sequence: tuple[int, ...] | None = None
+    stop_string: str | None = None
     error: str | None = None
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each new token was emitted (perf_counter)
@@ -142,6 +149,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Engine state.
     config: object = None  # the generation.GenerationConfig the sampler reads
+    stop_strings: object = None  # a stopping.StopStrings when params.stop_strings is set
     blocks: list[int] = field(default_factory=list)
     content_ids: list[int] = field(default_factory=list)  # prefix-cache names of blocks[:len(content_ids)]
     num_computed: int = 0

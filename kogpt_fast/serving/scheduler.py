@@ -75,8 +75,11 @@ class Scheduler:
     def _take(self, request: Request, count: int) -> ScheduledSequence:
         """Blocks for `count` more tokens of the request (room checked by the caller) and its place in the step."""
         needed = self.blocks.blocks_for(request.num_computed + count) - len(request.blocks)
-        if needed > 0:
-            request.blocks += self.blocks.allocate(needed)
+        if needed > 0:  # consecutive where the pool allows (room: what the request may grow into)
+            total = self.blocks.blocks_for(request.prompt_len + request.params.max_new_tokens)
+            after = request.blocks[-1] if request.blocks else None
+            room = max(total - len(request.blocks) - needed, 0) if after is None else 0
+            request.blocks += self.blocks.allocate(needed, after=after, room=room)
         start, end = request.num_computed, request.num_computed + count
         prompt_logits = []
         if request.prompt_logprobs is not None:  # positions j predict prompt token j + 1
