@@ -61,6 +61,32 @@ def test_concurrent_streams_equal_generate_on_one_engine_thread(model):
     assert_pool_is_clean(engine.engine)
 
 
+def test_a_steps_events_reach_the_event_loop_in_one_wake_up(model):
+    prompts = random_prompts([5, 9, 3, 12, 7, 4, 8, 6], model.config.vocab_size, seed=3)
+    params = SamplingParams(max_new_tokens=10, min_new_tokens=10)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = {"n": 0}
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args):
+            calls["n"] += 1
+            return call_soon_threadsafe(*args)
+
+        loop.call_soon_threadsafe = counted
+        engine = AsyncEngine(Engine(model, max_running=8))
+        streams = [engine.add_request(p, params) for p in prompts]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        engine.close()
+        return engine, calls["n"], results
+
+    engine, calls, results = asyncio.run(main())
+    assert all(len([t for e in events for t in e.token_ids]) == 10 for events in results)
+    # 8 requests x 10 tokens = 80 events, in at most one hand-over per step.
+    assert calls <= engine.stats().steps < 80
+
+
 def test_cancelled_consumer_aborts_its_request_and_frees_its_blocks(model):
     prompts = random_prompts([20, 6], model.config.vocab_size, seed=2)
 

@@ -6,8 +6,9 @@
         ...
 
 There is no thread per request and no lock around generation: add_request() and abort() only queue (the engine
-takes them at its next step), and the engine thread hands each event to the request's event loop with
-call_soon_threadsafe. A consumer that is cancelled (a client disconnecting), stops iterating, or drops its stream
+takes them at its next step), and the engine thread hands a step's events to each event loop in one
+call_soon_threadsafe (one wake-up of the loop per step, not one per request: the loop's thread and the engine's share
+the GIL). A consumer that is cancelled (a client disconnecting), stops iterating, or drops its stream
 aborts its request, whose blocks go back at the next step.
 """
 from __future__ import annotations
@@ -48,12 +49,8 @@ class RequestStream:
         nobody holds any more is collected, and its __del__ aborts the request."""
         def deliver(event: RequestOutput) -> None:
             stream = ref()
-            if stream is None:
-                return
-            try:
-                stream._loop.call_soon_threadsafe(stream._queue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            if stream is not None:
+                stream._engine._deliver(stream, event)
         return deliver
 
     def __aiter__(self) -> "RequestStream":
@@ -86,6 +83,18 @@ class RequestStream:
             self._engine.engine.abort(self.request)
 
 
+def _send(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class AsyncEngine:
     """Runs `engine` on one daemon thread, started with the first request (or start())."""
 
@@ -96,6 +105,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._accepting = True
         self._stop = False
+        self._outbox: list[tuple[RequestStream, RequestOutput]] = []  # the running step's events, sent after it
 
     def start(self) -> None:
         if self._thread is None:
@@ -112,6 +122,24 @@ class AsyncEngine:
                 self.engine.step()
             except Exception:  # the step's requests were aborted with the error; the others go on
                 logger.exception("engine step failed")
+            finally:
+                self._flush()
+
+    def _deliver(self, stream: RequestStream, event: RequestOutput) -> None:
+        """An event for a stream: kept until the step ends on the engine thread, sent at once from any other (an
+        add_request that finishes at once, close())."""
+        if threading.current_thread() is self._thread:
+            self._outbox.append((stream, event))
+        else:
+            _send(stream._loop, [(stream._queue, event)])
+
+    def _flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, event in self._outbox:
+            by_loop.setdefault(stream._loop, []).append((stream._queue, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            _send(loop, items)
 
     def add_request(self, prompt_ids, params: SamplingParams | None = None, *,
                     request_id: str | None = None) -> RequestStream:
