@@ -100,6 +100,8 @@ def _token_spec(value, where: str) -> dict | None:
 
 def _to_ids(ids):
     """An int -> int; a sequence, tensor or array of ints (or of rows of ints) -> a (nested) list of ints."""
+    if type(ids) is list and all(type(i) is int for i in ids):
+        return list(ids)  # the common case, and the server's per-token one: a flat list of ints
     if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
         ids = ids.tolist()  # a tensor or numpy array (or scalar)
     if isinstance(ids, (list, tuple)):
@@ -285,12 +287,13 @@ class KoGPTTokenizer:
 
     def _check_ids(self, ids: list) -> list[int]:
         """`ids`, a flat list, once each is checked to be an int in [0, len(self))."""
+        size = len(self)
         for i in ids:
             if not isinstance(i, int):
                 raise TypeError(f"expected a flat sequence of token ids, found {type(i).__name__} {i!r} in it")
-            if not 0 <= i < len(self):
-                raise ValueError(f"token id {i} is out of the vocabulary: ids must be in [0, {len(self)}) "
-                                 f"(vocab size {len(self)})")
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i} is out of the vocabulary: ids must be in [0, {size}) "
+                                 f"(vocab size {size})")
         return ids
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
