@@ -107,26 +107,8 @@ class Engine:
         field for bad input and for a request that could never fit (the model's n_positions, the pool), QueueFull
         when max_waiting requests wait already; nothing runs before the checks pass. listener, if given, receives
         each of the request's events (on the engine's thread) instead of request.events."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompt = self._check_prompt(prompt_ids)
-        c = self.model.config
-        params.validate(c.vocab_size)
-        fed = len(prompt) + max(params.max_new_tokens - 1, 0)  # every token but the last new one gets a position
-        if fed > c.n_positions:
-            raise ValueError(
-                f"max_new_tokens: the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-                f"needs {fed} positions, beyond the model's n_positions={c.n_positions}"
-            )
-        if self.blocks.blocks_for(fed) > self.blocks.num_blocks:
-            raise ValueError(
-                f"max_new_tokens: the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-                f"needs {self.blocks.blocks_for(fed)} KV blocks of {self.blocks.block_size} tokens, more than the "
-                f"engine's pool of {self.blocks.num_blocks}"
-            )
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need the model's tokenizer: Engine(model, tokenizer=...)")
+        prompt, params = check_request(prompt_ids, params, self.model.config, self.blocks.num_blocks,
+                                       self.blocks.block_size, self.tokenizer is not None)
         if len(self.scheduler.waiting) + len(self._inbox) >= self.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests): try again later")
         eos = frozenset(params.eos_token_ids) if params.eos_token_ids is not None else self._eos
@@ -150,25 +132,6 @@ class Engine:
         if self.on_work is not None:
             self.on_work()
         return request
-
-    def _check_prompt(self, prompt_ids) -> list[int]:
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
-                raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
-            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
-                prompt_ids = prompt_ids[0]
-            if prompt_ids.dim() != 1:
-                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
-            prompt_ids = prompt_ids.tolist()
-        if not isinstance(prompt_ids, (list, tuple)):
-            raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
-        vocab = self.model.config.vocab_size
-        for t in prompt_ids:
-            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_ids holds {t!r}, not a token id in the vocabulary [0, {vocab})")
-        return [int(t) for t in prompt_ids]
 
     def abort(self, request: Request) -> None:
         """Stop a request at the next step: its blocks are given back, its last event has finish_reason "abort"."""
@@ -356,6 +319,52 @@ class Engine:
             prefix_cache_hit_rate=s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
             preemptions=s.num_preemptions, **self._counts,
         )
+
+
+def check_request(prompt_ids, params: SamplingParams | None, config, num_blocks: int, block_size: int,
+                  has_tokenizer: bool) -> tuple[list[int], SamplingParams]:
+    """What add_request checks before anything runs: (the prompt as a list of ints, the params), or a ValueError naming
+    the field (TypeError for params of another type). A function of the model's config and the pool's geometry, so
+    that a front without the model (engine_process) refuses the same requests."""
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    prompt = check_prompt(prompt_ids, config.vocab_size)
+    params.validate(config.vocab_size)
+    fed = len(prompt) + max(params.max_new_tokens - 1, 0)  # every token but the last new one gets a position
+    if fed > config.n_positions:
+        raise ValueError(
+            f"max_new_tokens: the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+            f"needs {fed} positions, beyond the model's n_positions={config.n_positions}"
+        )
+    blocks = -(-fed // block_size)
+    if blocks > num_blocks:
+        raise ValueError(
+            f"max_new_tokens: the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+            f"needs {blocks} KV blocks of {block_size} tokens, more than the engine's pool of {num_blocks}"
+        )
+    if params.stop_strings and not has_tokenizer:
+        raise ValueError("stop_strings need the model's tokenizer: Engine(model, tokenizer=...)")
+    return prompt, params
+
+
+def check_prompt(prompt_ids, vocab: int) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+            raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1:
+            raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
+        prompt_ids = prompt_ids.tolist()
+    if not isinstance(prompt_ids, (list, tuple)):
+        raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
+    for t in prompt_ids:
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise ValueError(f"prompt_ids holds {t!r}, not a token id in the vocabulary [0, {vocab})")
+    return [int(t) for t in prompt_ids]
 
 
 def default_num_blocks(model, max_running: int, block_size: int) -> int:
