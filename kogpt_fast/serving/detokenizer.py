@@ -1,9 +1,9 @@
 """Text from token ids as they come, and OpenAI's text stop strings over it.
 
 IncrementalDetokenizer turns each new token into the text it adds, so that the pieces add up to the decoded text of
-the context and the tokens together: it decodes a short window ending at the new token against the same window
-without it (vLLM's prefix/read offsets), so a sentencepiece token's leading space survives (a lone "▁foo" decodes
-to "foo") and a token that ends inside a UTF-8 character adds "" until the character is complete.
+the context and the tokens together: it decodes a short window of the last tokens, which starts a few tokens back,
+so a sentencepiece token's leading space survives (a lone "▁foo" decodes to "foo"), and a token that ends inside a
+UTF-8 character adds "" until the character is complete.
 
 StopStrings finds the first stop string in the generated text and says how much of the text may be sent already:
 a suffix that could still grow into a stop string is held back (OpenAI never sends a stop string's beginning).
@@ -11,42 +11,52 @@ a suffix that could still grow into a stop string is held back (OpenAI never sen
 from __future__ import annotations
 
 INCOMPLETE = "\ufffd"  # what decoding an incomplete UTF-8 sequence gives
-CONTEXT_TOKENS = 6  # prompt tokens the first new token is decoded after (for its leading space)
+CONTEXT_TOKENS = 6  # tokens a window starts with (the prompt's last ones at first), for the next token's leading space
+WINDOW_TOKENS = 24  # a window this long starts again from its last CONTEXT_TOKENS
 
 
 class IncrementalDetokenizer:
     """add(token) -> the text the token adds after the context (the prompt's last tokens) and the tokens before it.
 
-    Ids the tokenizer does not know (a vocabulary padded beyond the tokenizer's, as KoGPT's 64512 vs 64000) have no
-    text; special tokens have none either (skip_special_tokens), as in the CLI's printer."""
+    One decode per token: a window of the last tokens is decoded, and what goes beyond the text already given out is
+    the new text (decoding more tokens only appends, except where an incomplete character gets completed). Special
+    tokens have no text (skip_special_tokens, as in the CLI's printer), nor have ids the tokenizer does not know (a
+    vocabulary padded beyond the tokenizer's, as KoGPT's 64512 vs 64000)."""
 
     def __init__(self, tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
+        self._silent = frozenset(tokenizer.all_special_ids)
         self._known = len(tokenizer)
-        self.ids = [t for t in context if t < self._known][-CONTEXT_TOKENS:]
-        self._prefix = 0  # ids[_prefix:_read] decode to text already given out
-        self._read = len(self.ids)
+        self.ids = [t for t in context if self._speaks(t)][-CONTEXT_TOKENS:]
+        self._start = 0  # the window is ids[_start:]
+        self._given = len(self._decode(self.ids))  # characters of the window's text already given out
+
+    def _speaks(self, token: int) -> bool:
+        return token < self._known and token not in self._silent
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids) if ids else ""
 
     def add(self, token: int) -> str:
-        if token >= self._known:
+        if not self._speaks(token):
             return ""
         self.ids.append(token)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(INCOMPLETE):
-            return ""  # nothing yet, or a character still incomplete: the next token carries it
-        self._prefix, self._read = self._read, len(self.ids)
-        return after[len(before):]
+        text = self._decode(self.ids[self._start:])
+        if len(text) <= self._given or text.endswith(INCOMPLETE):
+            return ""  # nothing yet, or a character still incomplete: a later token carries it
+        new = text[self._given:]
+        if len(self.ids) - self._start >= WINDOW_TOKENS:  # all given out: start a shorter window
+            self._start = len(self.ids) - CONTEXT_TOKENS
+            self._given = len(self._decode(self.ids[self._start:]))
+        else:
+            self._given = len(text)
+        return new
 
     def peek(self, token: int) -> str:
         """The text `token` would add now, without adding it (the texts of top_logprobs' alternatives)."""
-        if token >= self._known:
+        if not self._speaks(token):
             return ""
-        before = self._decode(self.ids[self._prefix:self._read])
-        return self._decode(self.ids[self._prefix:] + [token])[len(before):]
+        return self._decode(self.ids[self._start:] + [token])[self._given:]
 
 
 def prompt_pieces(tokenizer, prompt_ids: list[int]) -> list[str]:
