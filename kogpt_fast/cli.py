@@ -159,6 +159,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="tokens one engine step runs at most (the chunked-prefill budget)")
     server.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds SIGTERM lets running requests finish before aborting them")
+    server.add_argument("--threads", type=count(1), default=None,
+                        help="on the CPU: the engine's torch threads (default: one fewer than torch would use, which "
+                        "leaves a core to the HTTP server)")
     p.add_argument("-d", "--debug", action="store_true", help="access logs, timings and tracebacks")
     return p
 
@@ -171,21 +174,37 @@ def serve_main(argv: list[str]) -> int:
               "pip install 'kogpt-fast[serve]' (from a checkout: pip install -e '.[serve]')", file=sys.stderr)
         return EXIT_ERROR
     try:
-        tokenizer, model = load(args)
-        from .loader import model_dir
-        from .serving import AsyncEngine, Engine
+        import functools
+
+        import torch
+
+        from . import KoGPTTokenizer
+        from .loader import check_checkpoint, model_dir
         from .serving.chat import load_chat_template
+        from .serving.engine_process import EngineProcess
         from .serving.server import ServerState, run
 
-        engine = Engine(model, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
-                        max_waiting=args.max_queue)
+        directory = model_dir(args.model, revision=args.revision)  # checked here before the engine loads it
+        check_checkpoint(directory)
+        tokenizer = KoGPTTokenizer.from_pretrained(directory)
+        engine = EngineProcess(
+            functools.partial(load, args),
+            dict(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running, max_waiting=args.max_queue),
+            threads=args.threads or max(1, torch.get_num_threads() - 1),
+        )
+        engine.start()  # the model loads in the engine's process
         name = args.served_model_name or args.model or "kogpt-fast-demo"
-        state = ServerState(AsyncEngine(engine), tokenizer, name, api_key=args.api_key,
-                            chat_template=load_chat_template(model_dir(args.model, revision=args.revision)))
-        print(f"kogpt-fast: serving {name!r} ({model.device}, {model.dtype}, {engine.blocks.num_blocks} KV blocks) "
-              f"at http://{args.host}:{args.port}/v1{' (API key required)' if args.api_key else ''}",
+        state = ServerState(engine, tokenizer, name, api_key=args.api_key, chat_template=load_chat_template(directory))
+        info = engine.info
+        where = f"{info['device']}, {info['dtype']}" + (f", {info['threads']} torch threads" if
+                                                        info["device"] == "cpu" else "")
+        print(f"kogpt-fast: serving {name!r} ({where}, {info['num_blocks']} KV blocks) at "
+              f"http://{args.host}:{args.port}/v1{' (API key required)' if args.api_key else ''}",
               file=sys.stderr, flush=True)
-        run(state, args.host, args.port, args.grace_period, access_log=args.debug)
+        try:
+            run(state, args.host, args.port, args.grace_period, access_log=args.debug)
+        finally:
+            engine.close()
         return 0
     except KeyboardInterrupt:
         return 130

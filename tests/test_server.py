@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 
+from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture: generate() and Engine in this process)
 from server_helpers import (API_KEY, DEMO_NAME, ServerProcess, async_openai_client, metrics, openai_client,
                             wait_for)
 from kogpt_fast import KoGPTForCausalLM, KoGPTTokenizer

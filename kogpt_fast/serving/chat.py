@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .protocol import (CompletionRequest, StreamOptions, bad_request, check_ranges, completion_id, now, usage_object,
                        validation_error)
-from .server import check_model, event_stream, finish_unless_disconnected, prepare_completion, stream_events
+from .server import check_model, event_stream, finish_unless_disconnected, prepare_completion, sse, stream_events
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API bound
 
@@ -178,7 +178,9 @@ async def chat_completion(state, request: Request):
             delta = {"role": "assistant", "content": text}
         elif not text and not (logprobs and logprobs["tokens"]) and choice.finish_reason is None:
             return None
-        return response("chat.completion.chunk", [{"index": choice.index, "delta": delta, "logprobs": chat_logprobs(
-            logprobs, top), "finish_reason": choice.finish_reason}], None)
+        return sse(response("chat.completion.chunk", [{"index": choice.index, "delta": delta, "logprobs":
+                                                       chat_logprobs(logprobs, top),
+                                                       "finish_reason": choice.finish_reason}], None))
 
-    return event_stream(stream_events(completion, chunk, lambda: response("chat.completion.chunk", [], usage())))
+    return event_stream(stream_events(completion, chunk,
+                                      lambda: sse(response("chat.completion.chunk", [], usage()))))

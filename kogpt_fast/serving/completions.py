@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from .async_engine import AsyncEngine, EngineClosed, RequestStream
+from .async_engine import EngineClosed
 from .detokenizer import IncrementalDetokenizer, StopStrings, prompt_pieces
 from .engine import QueueFull
 from .protocol import APIError, CompletionRequest, bad_request, max_tokens, stop_strings
@@ -56,6 +56,7 @@ def sampling_params(r: CompletionRequest, prompt_len: int, n_positions: int) -> 
         repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
         presence_penalty=r.presence_penalty or 0.0, frequency_penalty=r.frequency_penalty or 0.0, seed=r.seed,
         logprobs=r.logprobs, prompt_logprobs=r.logprobs if r.echo and r.logprobs is not None else None,
+        stop_strings=tuple(stop_strings(r)),  # the engine stops there; Completion trims the text before them
     )
 
 
@@ -114,7 +115,7 @@ class Choice:
     tokens: int = 0
     logprobs: Logprobs | None = None
     finish_reason: str | None = None
-    stream: RequestStream | None = None
+    stream: object = None  # the engine's stream of this choice's events (engine_process.ProcessStream)
     sent_text: int = -1  # characters of echo_text + text already streamed; -1: nothing yet (not even the echo)
     sent_logprobs: int = 0
     echoed: bool = False  # the prompt's logprobs are in `logprobs`
@@ -129,7 +130,7 @@ class Choice:
 class Completion:
     """The choices of one request, fed from the engine. updates() yields each choice when it has changed."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer, request: CompletionRequest, prompts: list[list[int]],
+    def __init__(self, engine, tokenizer, request: CompletionRequest, prompts: list[list[int]],
                  params: list[SamplingParams], metrics, arrival: float):
         self.engine, self.tokenizer, self.request, self.prompts = engine, tokenizer, request, prompts
         self.metrics, self.arrival = metrics, arrival

@@ -1,11 +1,12 @@
-"""The OpenAI-compatible HTTP server: FastAPI on uvicorn over one AsyncEngine (`kogpt-fast serve`).
+"""The OpenAI-compatible HTTP server: FastAPI on uvicorn over the engine in its own process (`kogpt-fast serve`).
 
     POST /v1/completions        OpenAI's legacy completions (streamed as server-sent events with stream=true)
     POST /v1/chat/completions   400 unless the checkpoint ships a chat template (chat.py)
     GET  /v1/models, /v1/models/{name}, /health, /metrics (Prometheus text)
 
 The HTTP layer only translates: each request is a coroutine on uvicorn's event loop that queues engine requests
-and iterates their asyncio streams; the engine's one thread does all the scheduling and computing. Bad input is a
+and iterates their asyncio streams; the engine, in a process of its own (engine_process.py), does all the scheduling
+and computing. Bad input is a
 4xx with OpenAI's error body, never a 500. SIGTERM (or Ctrl-C) stops accepting, lets what runs finish within the
 grace period (then aborts it), and exits 0.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import signal
@@ -26,19 +28,24 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, EngineError
+from .async_engine import EngineError
+from .engine_process import EngineProcess
 from .completions import RETRY_AFTER_S, Completion, sampling_params, tokenize_prompts
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, CompletionRequest, bad_request, choice_object, completion_id, completion_object,
                        model_object, models_object, now, parse_completion_request, usage_object)
 
 logger = logging.getLogger(__name__)
+# FastAPI >= 0.160 looks up OpenTelemetry's providers on every request (about a millisecond here); the server counts
+# what it serves in /metrics instead.
+NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+                if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineProcess  # or anything with its interface: add_request, stats, start, close, config, max_waiting
     tokenizer: object
     model_name: str
     api_key: str | None = None
@@ -48,7 +55,7 @@ class ServerState:
     active: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # the completions being answered
 
     def __post_init__(self):
-        config = self.engine.engine.model.config
+        config = self.engine.config
         self.n_positions, self.vocab_size = config.n_positions, config.vocab_size
         self.metrics = ServerMetrics(self.engine.stats)
 
@@ -89,7 +96,8 @@ def build_app(state: ServerState) -> FastAPI:
         yield
         state.engine.close()  # aborts what is left (after uvicorn's grace period), stops the engine thread
 
-    app = FastAPI(title="kogpt-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="kogpt-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  **NO_TELEMETRY)
     app.state.server = state
     app.add_middleware(CountRequests, metrics=state.metrics)
 
@@ -108,7 +116,7 @@ def build_app(state: ServerState) -> FastAPI:
         logger.exception("internal error on %s", request.url.path)
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: a plain def would run in FastAPI's thread pool
         """401 unless the request carries `Authorization: Bearer KEY` (when a key is set), compared in constant
         time. /health and /metrics are open (probes and Prometheus)."""
         if state.api_key is None:
@@ -124,8 +132,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.draining:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if state.draining or not state.engine.alive:
+            return JSONResponse({"status": "shutting down" if state.draining else "the engine process has exited"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -181,9 +190,9 @@ def prepare_completion(state: ServerState, r: CompletionRequest, arrival: float)
     prompts = tokenize_prompts(state.tokenizer, state.vocab_size, r.prompt)
     params = [sampling_params(r, len(ids), state.n_positions) for ids in prompts]
     choices = len(prompts) * (r.n or 1)
-    if choices > state.engine.engine.max_waiting:
+    if choices > state.engine.max_waiting:
         raise bad_request(f"{len(prompts)} prompts x n={r.n or 1} make {choices} choices, more than the server "
-                          f"queues ({state.engine.engine.max_waiting}, --max-queue)", param="n")
+                          f"queues ({state.engine.max_waiting}, --max-queue)", param="n")
     completion = Completion(state.engine, state.tokenizer, r, prompts, params, state.metrics, arrival)
     completion.start()
     state.active.add(completion)
@@ -225,22 +234,26 @@ def completion_response(state: ServerState, completion: Completion) -> dict:
                              usage_object(completion.prompt_tokens, completion.completion_tokens))
 
 
+def dumps(data) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def sse(data: dict) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(data) + b"\n\n"
 
 
 async def stream_events(completion: Completion, chunk, usage_chunk):
-    """OpenAI's stream: chunk(choice, text, logprobs) for each choice update (None: nothing to send), then
-    usage_chunk() when stream_options.include_usage, then `data: [DONE]`. An engine failure arrives as an error
-    event (the status line is long sent)."""
+    """OpenAI's stream: chunk(choice, text, logprobs) for each choice update (an SSE event's bytes, or None:
+    nothing to send), then usage_chunk() when stream_options.include_usage, then `data: [DONE]`. An engine failure
+    arrives as an error event (the status line is long sent)."""
     options = completion.request.stream_options
     try:
         async for choice in completion.updates():
             data = chunk(choice, *completion.delta(choice))
             if data is not None:
-                yield sse(data)
+                yield data
         if options is not None and options.include_usage:
-            yield sse(usage_chunk())
+            yield usage_chunk()
     except (EngineError, APIError) as e:
         error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error", code="engine_error")
         yield sse(error.body())
@@ -253,16 +266,19 @@ def event_stream(events) -> StreamingResponse:
 
 def completion_chunks(state: ServerState, completion: Completion):
     cid, created = completion_id(), now()
+    # Each chunk is completion_object(cid, created, model, [choice], None); all but the choice is encoded once.
+    head = b'data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[' % (
+        dumps(cid), created, dumps(state.model_name))
+    tail = b'],"usage":null,"system_fingerprint":null}\n\n'
 
     def chunk(choice, text, logprobs):
         if not text and not (logprobs and logprobs["tokens"]) and choice.finish_reason is None:
             return None  # held back (a possible stop string, an incomplete character): nothing to say yet
-        return completion_object(cid, created, state.model_name,
-                                 [choice_object(choice.index, text, logprobs, choice.finish_reason)], None)
+        return head + dumps(choice_object(choice.index, text, logprobs, choice.finish_reason)) + tail
 
     def usage_chunk():
-        return completion_object(cid, created, state.model_name, [],
-                                 usage_object(completion.prompt_tokens, completion.completion_tokens))
+        return sse(completion_object(cid, created, state.model_name, [],
+                                     usage_object(completion.prompt_tokens, completion.completion_tokens)))
 
     return stream_events(completion, chunk, usage_chunk)
 
