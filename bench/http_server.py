@@ -3,7 +3,8 @@
    a time limit; requests/s, output tokens/s, time to first token; every request must come back complete, and the
    server's memory (RSS) after the last round is compared with its level after the warm-up round;
 2. the HTTP layer's cost: the same requests as concurrent streams through the server and straight into an Engine in
-   this process (same model, same max_running), alternating, several rounds; output tokens/s of each, medians, ratio.
+   this process (same model, same max_running, same torch threads), back to back in each round, which of the two
+   goes first alternating; output tokens/s of each, and the median over the rounds of server / engine.
 
     python bench/http_server.py                                   # the demo model on the CPU
     python bench/http_server.py --model PATH --device cuda --streams 64 --out DIR
@@ -19,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,29 +41,25 @@ MODEL_NAME = "bench"
 
 # ---- the server, as a user starts it ----
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_args: list[str], max_running: int, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """`python -m kogpt_fast serve --port 0 ...`: a free port, which its first line names."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "kogpt_fast", "serve", "--port", str(port), "--served-model-name", MODEL_NAME,
+        [sys.executable, "-m", "kogpt_fast", "serve", "--port", "0", "--served-model-name", MODEL_NAME,
          "--max-running", str(max_running), *model_args],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline, url = time.monotonic() + 180, None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}: see {log}")
+        found = url or re.search(r"serving .* at (http://127\.0\.0\.1:\d+)/v1", log.read_text(errors="replace"))
+        url = url or (found.group(1) if found else None)
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if url and httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"the server did not come up within 180 s: see {log}")
 
@@ -173,20 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--load-rounds", type=int, default=3, help="load rounds after the warm-up round")
     p.add_argument("--streams", type=int, default=32, help="concurrent streams for the HTTP-cost comparison")
-    p.add_argument("--cost-rounds", type=int, default=3)
+    p.add_argument("--cost-rounds", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per load request")
-    p.add_argument("--cost-max-tokens", type=int, default=32, help="new tokens per stream in the comparison")
+    p.add_argument("--cost-max-tokens", type=int, default=64, help="new tokens per stream in the comparison")
+    p.add_argument("--threads", type=int, default=None,
+                   help="on the CPU, torch threads of the server's engine and of the engine compared with it "
+                   "(default: kogpt-fast serve's, one fewer than torch would use)")
     p.add_argument("--timeout", type=float, default=120, help="seconds a round may take at most")
+    p.add_argument("--all-cores-baseline", action="store_true",
+                   help="on the CPU, also time the engine alone on every core (the server leaves one to HTTP)")
     p.add_argument("--out", type=Path, default=None, help="directory for http_server.json and the server's log")
     args = p.parse_args(argv)
 
     out = args.out or Path(".")
     out.mkdir(parents=True, exist_ok=True)
     model_args = [f"--device={args.device}", f"--backend={args.backend}"]
-    model_args += [f"--model={args.model}"] * (args.model is not None) + [f"--dtype={args.dtype}"] * (args.dtype is not None)
+    model_args += [f"--model={args.model}"] * (args.model is not None)
+    model_args += [f"--dtype={args.dtype}"] * (args.dtype is not None)
     max_running = max(args.streams, args.concurrency)
     all_threads = torch.get_num_threads()
-    threads = max(1, all_threads - 1)  # what `kogpt-fast serve` uses on the CPU by default (a core for HTTP)
+    threads = args.threads or max(1, all_threads - 1)  # kogpt-fast serve's default on the CPU: a core for HTTP
     if args.device == "cpu":
         model_args.append(f"--threads={threads}")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(result)
         m = server_metrics(url)
         report["load"] = {
-            "rounds": rounds, "warmup_rss_mib": rounds[0]["server_rss_mib"], "final_rss_mib": rounds[-1]["server_rss_mib"],
+            "rounds": rounds, "warmup_rss_mib": rounds[0]["server_rss_mib"],
+            "final_rss_mib": rounds[-1]["server_rss_mib"],
             "lost": sum(r["requests"] - r["completed"] for r in rounds),
             "after": {k: m[k] for k in ("kogpt_requests_running", "kogpt_requests_waiting", "kogpt_kv_blocks_used")},
         }
@@ -221,19 +224,23 @@ def main(argv: list[str] | None = None) -> int:
             else:  # the other order every other round: neither side always runs first
                 s, e = runs[1](), runs[0]()
             assert s["completed"] == args.streams, s
-            torch.set_num_threads(all_threads)  # and, for the record, the engine alone on every core
-            e_all = engine_round(model, prompts, args.cost_max_tokens, args.streams)
+            if args.all_cores_baseline:
+                torch.set_num_threads(all_threads)
+                engine_all_tps.append(engine_round(model, prompts, args.cost_max_tokens, args.streams))
             if i:
                 engine_tps.append(e)
                 server_tps.append(s["output_tokens_per_s"])
-                engine_all_tps.append(e_all)
         report["http_cost"] = {
             "streams": args.streams, "max_tokens": args.cost_max_tokens, "torch_threads": threads,
-            "engine_all_threads_tokens_per_s": engine_all_tps, "all_threads": all_threads,
+            "engine_all_threads_tokens_per_s": engine_all_tps[1:], "all_threads": all_threads,
             "engine_tokens_per_s": engine_tps,
             "server_tokens_per_s": server_tps, "engine_median": statistics.median(engine_tps),
             "server_median": statistics.median(server_tps),
-            "ratio": statistics.median(server_tps) / statistics.median(engine_tps),
+            # Each round's server / engine, then the median: a round's pair runs back to back, so the machine's
+            # load drifting (it is shared) moves both; the ratio of the medians is kept too.
+            "round_ratios": [s / e for s, e in zip(server_tps, engine_tps)],
+            "ratio": statistics.median(s / e for s, e in zip(server_tps, engine_tps)),
+            "ratio_of_medians": statistics.median(server_tps) / statistics.median(engine_tps),
         }
     finally:
         server.send_signal(signal.SIGTERM)
@@ -257,9 +264,11 @@ def print_report(report: dict) -> None:
     print(f"HTTP cost at {cost['streams']} streams x {cost['max_tokens']} tokens: engine "
           f"{', '.join(f'{x:.0f}' for x in cost['engine_tokens_per_s'])} tokens/s, server "
           f"{', '.join(f'{x:.0f}' for x in cost['server_tokens_per_s'])}; medians {cost['engine_median']:.0f} / "
-          f"{cost['server_median']:.0f}: the server gives {100 * cost['ratio']:.0f}% of the engine's "
-          f"(both on {cost['torch_threads']} torch threads; the engine alone on {cost['all_threads']}: "
-          f"{', '.join(f'{x:.0f}' for x in cost['engine_all_threads_tokens_per_s'])})")
+          f"{cost['server_median']:.0f}; the server gives {100 * cost['ratio']:.0f}% of the engine's (median of the "
+          f"rounds' ratios; both on {cost['torch_threads']} torch threads)")
+    if cost["engine_all_threads_tokens_per_s"]:
+        print(f"  the engine alone on {cost['all_threads']} torch threads: "
+              f"{', '.join(f'{x:.0f}' for x in cost['engine_all_threads_tokens_per_s'])} tokens/s")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def serve_parser() -> argparse.ArgumentParser:
     model.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=count(0), default=8000)
+    server.add_argument("--port", type=count(0), default=8000, help="0: any free port (the first line says which)")
     server.add_argument("--api-key", default=os.environ.get("KOGPT_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $KOGPT_API_KEY; none: open)")
     server.add_argument("--served-model-name", default=None,
@@ -182,8 +182,9 @@ def serve_main(argv: list[str]) -> int:
         from .loader import check_checkpoint, model_dir
         from .serving.chat import load_chat_template
         from .serving.engine_process import EngineProcess
-        from .serving.server import ServerState, run
+        from .serving.server import ServerState, listen, run
 
+        sock = listen(args.host, args.port)
         directory = model_dir(args.model, revision=args.revision)  # checked here before the engine loads it
         check_checkpoint(directory)
         tokenizer = KoGPTTokenizer.from_pretrained(directory)
@@ -199,10 +200,10 @@ def serve_main(argv: list[str]) -> int:
         where = f"{info['device']}, {info['dtype']}" + (f", {info['threads']} torch threads" if
                                                         info["device"] == "cpu" else "")
         print(f"kogpt-fast: serving {name!r} ({where}, {info['num_blocks']} KV blocks) at "
-              f"http://{args.host}:{args.port}/v1{' (API key required)' if args.api_key else ''}",
+              f"http://{args.host}:{sock.getsockname()[1]}/v1{' (API key required)' if args.api_key else ''}",
               file=sys.stderr, flush=True)
         try:
-            run(state, args.host, args.port, args.grace_period, access_log=args.debug)
+            run(state, sock, args.grace_period, access_log=args.debug)
         finally:
             engine.close()
         return 0

@@ -1,11 +1,10 @@
 """Shared by the server tests: `kogpt-fast serve` started as a user starts it (a subprocess on 127.0.0.1 and a free
-port, as the README says), the openai client on it, and /metrics read back as numbers."""
+port, `--port 0`, as the README says), the openai client on it, and /metrics read back as numbers."""
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,37 +17,37 @@ DEMO_NAME = "kogpt-fast-demo"
 STARTUP_TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
-    """`python -m kogpt_fast serve --port PORT ARGS...`, its output in a log file; stop() sends SIGTERM."""
+    """`python -m kogpt_fast serve --port 0 ARGS...` (a free port, which its first line names), its output in a log
+    file; stop() sends SIGTERM."""
 
     def __init__(self, log_dir: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{self.port}.log"
+        self.log_path = log_dir / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kogpt_fast", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "kogpt_fast", "serve", "--port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=environment,
         )
         self.pid = self.process.pid
+        self.port = self.url = None
 
     def wait_ready(self) -> "ServerProcess":
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
+            if self.port is None:
+                found = re.search(r"serving .* at http://127\.0\.0\.1:(\d+)/v1", self.log())
+                if found:
+                    self.port = int(found.group(1))
+                    self.url = f"http://127.0.0.1:{self.port}"
+            if self.port is not None:
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
             time.sleep(0.1)
         raise AssertionError(f"the server did not answer /health within {STARTUP_TIMEOUT_S} s:\n{self.log()}")
 

@@ -10,7 +10,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from engine_helpers import one_cpu_thread, random_prompts  # noqa: F401  (one_cpu_thread: an autouse fixture)
 from kogpt_fast import KoGPTForCausalLM, KoGPTTokenizer

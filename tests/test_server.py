@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
 from engine_helpers import one_cpu_thread  # noqa: F401  (an autouse fixture: generate() and Engine in this process)
 from server_helpers import (API_KEY, DEMO_NAME, ServerProcess, async_openai_client, metrics, openai_client,
@@ -178,6 +181,10 @@ def test_echo_with_logprobs_gives_the_prompts_logprobs_first(client, demo):
     want = [p.logprob for p in request.prompt_logprobs[1:]] + [p.logprob for p in request.logprobs]
     assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     assert "".join(lp.tokens) == choice.text and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(model=DEMO_NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=k,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
     # Scoring a text: echo with max_tokens=0 returns just the prompt and its logprobs.
     score = client.completions.create(model=DEMO_NAME, prompt=prompt, max_tokens=0, logprobs=0, echo=True)
     assert score.choices[0].text == prompt and score.usage.completion_tokens == 0
@@ -252,7 +259,7 @@ def test_bad_input_is_a_400_that_the_client_raises(client, what, fields, status,
 
 def test_malformed_json_and_a_non_object_are_400s(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    for body in (b"{not json", b"[1, 2]", b"", "{\"model\": \"x\", \"prompt\": \"\ud55c".encode("utf-8", "surrogatepass")):
+    for body in (b"{not json", b"[1, 2]", b"", b'{"model": "x", "prompt": "\xff\xfe"}', b'{"model": "x", "prompt": "'):
         response = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=30)
         assert response.status_code == 400, (body, response.text)
         error = response.json()["error"]
@@ -322,3 +329,15 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(serve
     assert after["kogpt_requests_running"] == 0 and after["kogpt_requests_waiting"] == 0
     assert after["kogpt_engine_requests_aborted_total"] == before["kogpt_engine_requests_aborted_total"] + 1
     assert after["kogpt_generation_tokens_total"] - before["kogpt_generation_tokens_total"] < 400
+
+
+def test_the_readmes_openai_example_runs(server):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if block.startswith("# the openai client on kogpt-fast serve")]
+    assert code.count("http://127.0.0.1:8000") == 1 and code.count('"sk-local"') == 1
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('"sk-local"', f'"{API_KEY}"')
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()[:2]
+    assert "completion_tokens=24" in first and len(second) > 5

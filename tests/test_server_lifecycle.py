@@ -145,3 +145,8 @@ def test_serve_flags_are_checked_before_anything_loads():
     result = subprocess.run([sys.executable, "-m", "kogpt_fast", "serve", "--model", "/nonexistent"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: said before the model loads
+        port = str(taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "kogpt_fast", "serve", "--port", port], capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 1 and f"error: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr

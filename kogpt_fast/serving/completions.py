@@ -126,6 +126,10 @@ class Choice:
     def full_text(self) -> str:
         return self.echo_text + self.text
 
+    @property
+    def full_length(self) -> int:
+        return len(self.echo_text) + len(self.text)
+
 
 class Completion:
     """The choices of one request, fed from the engine. updates() yields each choice when it has changed."""
@@ -253,6 +257,8 @@ class Completion:
         if event.finished and choice.finish_reason is None:
             if event.finish_reason == "abort":  # only a shutdown aborts a request whose answer is still awaited
                 raise interrupted()
+            if event.stop_string is not None and event.stop_string in choice.text:  # the engine's match, not ours
+                choice.text = choice.text[:choice.text.index(event.stop_string)]
             choice.finish_reason = event.finish_reason
         if choice.finish_reason is not None:
             self.metrics.choices.labels(choice.finish_reason).inc()
@@ -264,7 +270,7 @@ class Completion:
                 top.setdefault(choice.detokenizer.peek(alt), value)
             piece = choice.detokenizer.add(token)
             top.setdefault(piece, logprob.logprob)
-            choice.logprobs.add(piece, logprob.logprob, top, len(choice.full_text))
+            choice.logprobs.add(piece, logprob.logprob, top, choice.full_length)
         else:
             piece = choice.detokenizer.add(token)
         choice.tokens += 1
@@ -302,12 +308,12 @@ class Completion:
     def delta(self, choice: Choice) -> tuple[str, dict | None]:
         """The text and logprobs not yet streamed: all of it once the choice has finished, else up to where a stop
         string could begin."""
-        text = choice.full_text
-        end = len(text) if choice.finish_reason is not None else (
-            len(choice.echo_text) + choice.stops.sendable(choice.text))
+        echo = len(choice.echo_text)
+        end = choice.full_length if choice.finish_reason is not None else echo + choice.stops.sendable(choice.text)
         start = max(choice.sent_text, 0)
-        piece = text[start:max(end, start)]
-        choice.sent_text = max(end, start)
+        end = max(end, start)
+        piece = choice.echo_text[start:end] + choice.text[max(start - echo, 0):end - echo]
+        choice.sent_text = end
         logprobs = None
         if choice.logprobs is not None:
             logprobs = choice.logprobs.since(choice.sent_logprobs)

@@ -6,9 +6,8 @@
 
 The HTTP layer only translates: each request is a coroutine on uvicorn's event loop that queues engine requests
 and iterates their asyncio streams; the engine, in a process of its own (engine_process.py), does all the scheduling
-and computing. Bad input is a
-4xx with OpenAI's error body, never a 500. SIGTERM (or Ctrl-C) stops accepting, lets what runs finish within the
-grace period (then aborts it), and exits 0.
+and computing. Bad input is a 4xx with OpenAI's error body, never a 500. SIGTERM (or Ctrl-C) stops accepting, lets
+what runs finish within the grace period (then ends it with a 503), and exits 0.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import inspect
 import json
 import logging
 import signal
+import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import EngineError
-from .engine_process import EngineProcess
 from .completions import RETRY_AFTER_S, Completion, sampling_params, tokenize_prompts
+from .engine_process import EngineProcess
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, CompletionRequest, bad_request, choice_object, completion_id, completion_object,
                        model_object, models_object, now, parse_completion_request, usage_object)
@@ -94,7 +94,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def lifespan(app):
         state.engine.start()
         yield
-        state.engine.close()  # aborts what is left (after uvicorn's grace period), stops the engine thread
+        state.engine.close()  # aborts what is left (after the grace period), stops the engine process
 
     app = FastAPI(title="kogpt-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   **NO_TELEMETRY)
@@ -316,8 +316,18 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run(state: ServerState, host: str, port: int, grace_period: float, access_log: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then drain for up to grace_period seconds."""
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so that a port in use is an error at once (port 0: any
+    free one)."""
+    try:
+        return socket.create_server((host, port), backlog=2048)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(state: ServerState, sock: socket.socket, grace_period: float, access_log: bool = False) -> None:
+    """Serve on `sock` until SIGTERM/SIGINT, then drain for up to grace_period seconds."""
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(build_app(state), host=host, port=port, access_log=access_log, log_level="info",
                             lifespan="on", timeout_graceful_shutdown=grace_period + DrainingServer.BACKSTOP_S)
-    DrainingServer(config, state, grace_period).run()
+    DrainingServer(config, state, grace_period).run(sockets=[sock])
