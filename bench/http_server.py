@@ -1,10 +1,11 @@
 """The HTTP server under load, on loopback: `kogpt-fast serve` started as the README says, then
-1. a bounded load test: rounds of a fixed number of requests (half streamed) at a fixed concurrency, each round within
+1. the HTTP layer's cost: the same requests as concurrent streams through the server and straight into an Engine in
+   this process (same model, same max_running, same torch threads, the same requests seen before), back to back in
+   each round, which of the two goes first alternating; output tokens/s of each, and the median over the rounds of
+   server / engine;
+2. a bounded load test: rounds of a fixed number of requests (half streamed) at a fixed concurrency, each round within
    a time limit; requests/s, output tokens/s, time to first token; every request must come back complete, and the
-   server's memory (RSS) after the last round is compared with its level after the warm-up round;
-2. the HTTP layer's cost: the same requests as concurrent streams through the server and straight into an Engine in
-   this process (same model, same max_running, same torch threads), back to back in each round, which of the two
-   goes first alternating; output tokens/s of each, and the median over the rounds of server / engine.
+   server's memory (RSS) after the last round is compared with its level after the warm-up round.
 
     python bench/http_server.py                                   # the demo model on the CPU
     python bench/http_server.py --model PATH --device cuda --streams 64 --out DIR
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ from kogpt_fast import KoGPTForCausalLM  # noqa: E402
 from kogpt_fast.serving import Engine, SamplingParams  # noqa: E402
 
 MODEL_NAME = "bench"
+CLIENT_WAKE_BYTES = 16384  # the comparison's client wakes per 16 kB of events, not per event: it shares the cores
 
 
 # ---- the server, as a user starts it ----
@@ -91,10 +94,11 @@ def make_prompts(n: int, vocab: int, seed: int, low: int = 8, high: int = 40) ->
 USAGE = re.compile(rb'"usage":(\{[^}]*\})')
 
 
-async def one_request(port: int, prompt: list[int], max_tokens: int, stream: bool) -> dict:
+async def one_request(port: int, prompt: list[int], max_tokens: int, stream: bool, wake_every: int = 0) -> dict:
     """One completion over a fresh connection. The client is a plain asyncio socket that keeps only the last 4 kB
     of the answer (where the usage is): on a machine of few cores, a full HTTP client's parsing of every event
-    would take CPU time from the server it measures."""
+    would take CPU time from the server it measures. wake_every > 0: the kernel wakes the client only when that many
+    bytes have arrived (SO_RCVLOWAT; the time to first token is then not measured)."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
             "temperature": 0, "stream": stream}
     if stream:
@@ -102,6 +106,8 @@ async def one_request(port: int, prompt: list[int], max_tokens: int, stream: boo
     data = json.dumps(body).encode()
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if wake_every:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wake_every)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
     ttft, head, tail = None, b"", b""
@@ -119,7 +125,7 @@ async def one_request(port: int, prompt: list[int], max_tokens: int, stream: boo
 
 
 async def load_round(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int, streamed: float,
-                     timeout: float) -> dict:
+                     timeout: float, wake_every: int = 0) -> dict:
     """All prompts through the server, `concurrency` at a time (a fraction `streamed` of them streamed)."""
     port = int(url.rsplit(":", 1)[1])
     gate = asyncio.Semaphore(concurrency)
@@ -127,7 +133,7 @@ async def load_round(url: str, prompts: list[list[int]], max_tokens: int, concur
 
     async def gated(i, prompt):
         async with gate:
-            return await one_request(port, prompt, max_tokens, every is not None and i % every == 0)
+            return await one_request(port, prompt, max_tokens, every is not None and i % every == 0, wake_every)
 
     start = time.perf_counter()
     results = await asyncio.wait_for(asyncio.gather(*(gated(i, p) for i, p in enumerate(prompts))), timeout)
@@ -139,15 +145,24 @@ async def load_round(url: str, prompts: list[list[int]], max_tokens: int, concur
             "ttft_ms_p50": percentile(ttfts, 50), "ttft_ms_p99": percentile(ttfts, 99)}
 
 
+def run_client(coroutine):
+    """Run the client's coroutine on uvloop where it is installed (the serve extra brings it): its sockets cost the
+    machine less CPU than asyncio's, CPU the server would otherwise lose to its own load generator."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def engine_round(model, prompts: list[list[int]], max_tokens: int, max_running: int) -> float:
+def engine_round(engine: Engine, prompts: list[list[int]], max_tokens: int) -> float:
     """Output tokens/s of the same requests run straight on an Engine (no HTTP, no asyncio)."""
-    engine = Engine(model, max_running=max_running)
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=max_tokens)
     start = time.perf_counter()
     requests = [engine.add_request(p, params) for p in prompts]
@@ -197,28 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     server, url = start_server(model_args, max_running, out / "http_server.log")
     report: dict = {"device": args.device, "model": args.model or "demo", "machine_note": "loopback; one machine"}
     try:
-        # 1. the load test: a warm-up round, then rounds whose memory is compared with the warm-up's.
-        rounds = []
-        for i in range(args.load_rounds + 1):
-            prompts = make_prompts(args.requests, vocab, seed=100 + i)
-            result = asyncio.run(load_round(url, prompts, args.max_tokens, args.concurrency, 0.5, args.timeout))
-            result["server_rss_mib"] = rss_mib(server.pid)
-            rounds.append(result)
-        m = server_metrics(url)
-        report["load"] = {
-            "rounds": rounds, "warmup_rss_mib": rounds[0]["server_rss_mib"],
-            "final_rss_mib": rounds[-1]["server_rss_mib"],
-            "lost": sum(r["requests"] - r["completed"] for r in rounds),
-            "after": {k: m[k] for k in ("kogpt_requests_running", "kogpt_requests_waiting", "kogpt_kv_blocks_used")},
-        }
-        # 2. the HTTP layer's cost: alternating, the same requests each round; the first round of each warms up.
+        # 1. the HTTP layer's cost, on the server as it started: the same requests each round, through the server and
+        # into an Engine here that has seen the same requests before (the pool's and the prefix cache's state matter
+        # to a step's cost); the first round of each warms up.
+        torch.set_num_threads(threads)  # the engine as the server runs it
+        engine = Engine(model, max_running=args.streams)
         engine_tps, server_tps, engine_all_tps = [], [], []
         for i in range(args.cost_rounds + 1):
             prompts = make_prompts(args.streams, vocab, seed=1000 + i)
-            torch.set_num_threads(threads)  # the engine as the server runs it
-            runs = [lambda: engine_round(model, prompts, args.cost_max_tokens, args.streams),
-                    lambda: asyncio.run(load_round(url, prompts, args.cost_max_tokens, args.streams, 1.0,
-                                                   args.timeout))]
+            runs = [lambda: engine_round(engine, prompts, args.cost_max_tokens),
+                    lambda: run_client(load_round(url, prompts, args.cost_max_tokens, args.streams, 1.0,
+                                                  args.timeout, wake_every=CLIENT_WAKE_BYTES))]
             if i % 2:
                 e, s = runs[0](), runs[1]()
             else:  # the other order every other round: neither side always runs first
@@ -226,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             assert s["completed"] == args.streams, s
             if args.all_cores_baseline:
                 torch.set_num_threads(all_threads)
-                engine_all_tps.append(engine_round(model, prompts, args.cost_max_tokens, args.streams))
+                engine_all_tps.append(engine_round(Engine(model, max_running=args.streams), prompts,
+                                                   args.cost_max_tokens))
+                torch.set_num_threads(threads)
             if i:
                 engine_tps.append(e)
                 server_tps.append(s["output_tokens_per_s"])
@@ -241,6 +247,20 @@ def main(argv: list[str] | None = None) -> int:
             "round_ratios": [s / e for s, e in zip(server_tps, engine_tps)],
             "ratio": statistics.median(s / e for s, e in zip(server_tps, engine_tps)),
             "ratio_of_medians": statistics.median(server_tps) / statistics.median(engine_tps),
+        }
+        # 2. the load test: a warm-up round, then rounds whose memory is compared with the warm-up's.
+        rounds = []
+        for i in range(args.load_rounds + 1):
+            prompts = make_prompts(args.requests, vocab, seed=100 + i)
+            result = run_client(load_round(url, prompts, args.max_tokens, args.concurrency, 0.5, args.timeout))
+            result["server_rss_mib"] = rss_mib(server.pid)
+            rounds.append(result)
+        m = server_metrics(url)
+        report["load"] = {
+            "rounds": rounds, "warmup_rss_mib": rounds[0]["server_rss_mib"],
+            "final_rss_mib": rounds[-1]["server_rss_mib"],
+            "lost": sum(r["requests"] - r["completed"] for r in rounds),
+            "after": {k: m[k] for k in ("kogpt_requests_running", "kogpt_requests_waiting", "kogpt_kv_blocks_used")},
         }
     finally:
         server.send_signal(signal.SIGTERM)

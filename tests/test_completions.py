@@ -34,6 +34,12 @@ class ScriptedStream:
             raise StopAsyncIteration
         return event
 
+    def ready(self):
+        events = []
+        while not self.queue.empty() and self.queue._queue[0] is not None:
+            events.append(self.queue.get_nowait())
+        return events
+
     def abort(self):
         self.aborted = True
 

@@ -132,7 +132,9 @@ class Choice:
 
 
 class Completion:
-    """The choices of one request, fed from the engine. updates() yields each choice when it has changed."""
+    """The choices of one request, fed from the engine. updates() yields each choice when it has changed: once per
+    engine step while the server keeps up (a chunk per token, as OpenAI streams), once for all the events that
+    arrived meanwhile when it has fallen behind (as vLLM's server merges them)."""
 
     def __init__(self, engine, tokenizer, request: CompletionRequest, prompts: list[list[int]],
                  params: list[SamplingParams], metrics, arrival: float):
@@ -184,6 +186,9 @@ class Completion:
                 choice = self.choices[0]
                 async for event in choice.stream:
                     self._take(choice, event)
+                    for later in choice.stream.ready():  # arrived while we were behind: one update for all
+                        if choice.finish_reason is None:
+                            self._take(choice, later)
                     yield choice
                     if choice.finish_reason is not None:
                         return

@@ -14,11 +14,14 @@ One multiprocessing Pipe carries pickled tuples:
     from the engine: ("ready", info) | ("failed", message) | ("events", [(id, RequestOutput), ...], EngineStats)
 The engine process steps while it has work and sends each step's events in one message; a reader thread here hands
 each message to the event loop in one call_soon_threadsafe. The engine process ignores SIGINT and SIGTERM (the
-server drains, then closes it through the pipe) and exits when the pipe closes (the server died).
+server drains, then closes it through the pipe; close() also runs at exit) and exits when the pipe closes (the
+server died). Spawned, it imports the caller's main module again: a script that starts one needs the usual
+`if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import signal
@@ -56,6 +59,17 @@ class ProcessStream:
         except BaseException:  # cancelled: the consumer is gone
             self.abort()
             raise
+        return self._taken(event)
+
+    def ready(self) -> list[RequestOutput]:
+        """The events that have arrived and not been taken yet, without waiting (a consumer that fell behind takes
+        them together: one streamed chunk for several tokens)."""
+        events = []
+        while not self._done and not self._queue.empty():
+            events.append(self._taken(self._queue.get_nowait()))
+        return events
+
+    def _taken(self, event: RequestOutput) -> RequestOutput:
         if event.finished:
             self._done = True
         if event.error is not None:
@@ -112,6 +126,8 @@ class EngineProcess:
             raise EngineProcessError(payload)
         self.info, self._stats = payload, payload["stats"]
         threading.Thread(target=self._read, name="kogpt-engine-reader", daemon=True).start()
+        # Before multiprocessing's own exit handler, which would SIGTERM the process (ignored there) and wait forever.
+        atexit.register(self.close)
 
     @property
     def config(self):
@@ -130,6 +146,7 @@ class EngineProcess:
         self._accepting = False
         if self._process is None:
             return
+        atexit.unregister(self.close)
         if self._process.is_alive():
             try:
                 self._conn.send(("close",))
