@@ -8,6 +8,8 @@ import asyncio
 import functools
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +137,20 @@ def test_a_loading_failure_is_raised_by_start(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(EngineProcessError, match="config.json"):
         EngineProcess(demo_loader(str(tmp_path)), {}).start()
+
+
+def test_a_program_that_forgets_close_still_exits(tmp_path):
+    script = tmp_path / "forgets.py"
+    script.write_text(
+        "import argparse, functools\n"
+        "from kogpt_fast.cli import load\n"
+        "from kogpt_fast.serving.engine_process import EngineProcess\n"
+        "if __name__ == '__main__':\n"
+        "    args = argparse.Namespace(model=None, revision=None, device='cpu', dtype=None, backend='torch',"
+        " debug=False)\n"
+        "    engine = EngineProcess(functools.partial(load, args), {}, threads=1)\n"
+        "    engine.start()\n"
+        "    print('started', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "started", result.stderr
