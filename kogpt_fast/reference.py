@@ -117,9 +117,15 @@ def write_kv_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """HF's upcast of q and k for the scores: fp32 for fp16/bf16/fp32, and fp64 kept (the kernel tests' oracle)."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """q [..., H, Tq, D], k/v [..., H, Tk, D], visible [..., 1, Tq, Tk] bool -> [..., H, Tq, D] in v's dtype."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    up = _score_dtype(q)
+    scores = torch.matmul(q.to(up), k.to(up).transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
@@ -183,7 +189,8 @@ def decode_attention(
     for b, (length, table) in enumerate(zip(meta.seq_lens.tolist(), meta.block_tables.tolist())):
         keys = _context(k_cache, table, length, block_size)  # [L, H, D]
         values = _context(v_cache, table, length, block_size)
-        scores = torch.matmul(keys.float().transpose(0, 1), q[b].float()[:, :, None])  # [H, L, 1]
+        up = _score_dtype(q)
+        scores = torch.matmul(keys.to(up).transpose(0, 1), q[b].to(up)[:, :, None])  # [H, L, 1]
         probs = torch.softmax(scores.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1).to(values.dtype)  # [H, 1, L]
         out[b] = torch.matmul(probs, values.transpose(0, 1))[:, 0]  # [H, D]
     return out
