@@ -21,6 +21,7 @@ from .config import GPTJConfig
 from .decode import DecodeStep, graphs_enabled
 from .generation import GenerationMixin
 from .kv_cache import PagedKVCache, StepMetadata
+from .quant import as_weight
 
 
 PREFILL_PATHS = ("kernel", "torch")  # KoGPTForCausalLM.prefill_path
@@ -94,6 +95,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         backend: str = "auto",
         torch_dtype: torch.dtype | str | None = None,
         progress: bool | None = None,
+        quantize: str | None = None,
         **overrides,
     ) -> "KoGPTForCausalLM":
         """Load a HF GPT-J checkpoint directory (safetensors, sharded safetensors or pytorch_model.bin).
@@ -102,13 +104,15 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         (bfloat16 for a bfloat16 checkpoint) and float32 on the CPU. backend: "auto", "torch", "triton" or
         "cuda" (also from the KOGPT_BACKEND environment variable when "auto"). Like HF, config fields may be
         overridden by keyword (e.g. `pad_token_id=tokenizer.eos_token_id`); HF's `low_cpu_mem_usage` is accepted
-        (loading is always tensor by tensor).
+        (loading is always tensor by tensor). quantize: "int8" or "fp8" (kogpt_fast.quant) quantizes every
+        projection and the lm_head as they are read; a checkpoint written by `kogpt-fast convert --quantize` loads
+        quantized as it is.
         """
         from .loader import load_model
 
         return load_model(
             cls, path, device=device, dtype=dtype if dtype is not None else torch_dtype, backend=backend,
-            progress=progress, overrides=overrides,
+            progress=progress, overrides=overrides, quantize=quantize,
         )
 
     @classmethod
@@ -164,7 +168,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                 for block in self.transformer.h:
                     for module in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj,
                                    block.mlp.fc_in, block.mlp.fc_out):
-                        module.weight = nn.Parameter(module.weight.contiguous().clone(), requires_grad=False)
+                        module.weight = as_weight(module.weight.contiguous().clone())
             self._fused = None
 
     @staticmethod
@@ -179,7 +183,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             (mlp.fc_in, w_in[3 * d:]), (attn.out_proj, w_out[:, :d]), (mlp.fc_out, w_out[:, d:]),
         ]
         for module, view in views:
-            module.weight = nn.Parameter(view, requires_grad=False)
+            module.weight = as_weight(view)
         mlp.fc_in.bias = nn.Parameter(b_in[3 * d:], requires_grad=False)
         return w_in, b_in, w_out, mlp.fc_out.bias
 
