@@ -104,7 +104,7 @@ fi
 
 # End to end: the kernel backends and the baselines. kogpt-fast[torch] is the reference (its speed is no target),
 # left out here to leave the time to the compiled baseline's compilation; the per-op rows still run it.
-SYSTEMS=${GPU_CHECK_SYSTEMS:-"kogpt-fast[cuda],kogpt-fast[triton],kogpt-fast[cuda]+torch-prefill,hf-eager,hf-sdpa,compiled"}
+SYSTEMS=${GPU_CHECK_SYSTEMS:-"kogpt-fast[cuda],kogpt-fast[triton],kogpt-fast[cuda]+torch-prefill,kogpt-fast[cuda]+int8,kogpt-fast[cuda]+fp8,hf-eager,hf-sdpa,compiled"}
 TESTS_RESERVE=$(wanted tests && echo 90 || echo 0)  # seconds the op sweeps keep after the bench
 BENCH_LIMIT=$(($(left) - 40 - TESTS_RESERVE))  # and room for the report and summary
 ((BENCH_LIMIT > 300)) && BENCH_LIMIT=300

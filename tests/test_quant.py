@@ -226,3 +226,21 @@ def test_fp8_is_refused_where_it_cannot_run(monkeypatch):
     assert quant.unavailable_reason("fp8", "cuda", gpu) is None
     with pytest.raises(BackendUnavailable, match="fp8"):
         quant.check_runnable("fp8", "triton", cpu)
+
+
+def test_readme_states_the_computed_sizes():
+    """README.md's table of KoGPT-6B's resident size per scheme is what resident_bytes computes."""
+    import re
+    from pathlib import Path
+
+    from kogpt_fast.config import GPTJConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {"fp32": (None, torch.float32), "fp16 / bf16": (None, torch.float16),
+            "int8 (fp16 scales)": ("int8", torch.float16), "fp8 (fp16 scales)": ("fp8", torch.float16)}
+    for label, (scheme, dtype) in rows.items():
+        found = re.search(rf"^\| {re.escape(label)} \| ([\d.]+) GB \| ([\d.]+) GB \|$", readme, re.M)
+        assert found, label
+        sizes = quant.resident_bytes(GPTJConfig(), scheme, dtype)
+        assert (float(found.group(1)), float(found.group(2))) == (round(sizes["total"] / 1e9, 2),
+                                                                    round(sizes["read_per_token"] / 1e9, 2)), label
