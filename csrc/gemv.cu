@@ -168,7 +168,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 if (k < p.K && row0 + r < p.N) {
-                    w[u][r] = *reinterpret_cast<const Vec<W, kVec>*>(weight + (int64_t)(row0 + r) * p.weight_stride + k);
+                    const W* row = weight + (int64_t)(row0 + r) * p.weight_stride;
+                    w[u][r] = *reinterpret_cast<const Vec<W, kVec>*>(row + k);
                 } else {
                     w[u][r] = Vec<W, kVec>{};  // zeros
                 }
@@ -239,7 +240,8 @@ int launch(const GemvParams& p, cudaStream_t stream) {
 }
 
 // The kernel variant for M, the LayerNorm prologue and the alignment (vector_ok: 16-byte loads possible).
-template <typename T, typename W> int launch_variant(const GemvParams& p, bool ln, bool vector_ok, cudaStream_t stream) {
+template <typename T, typename W>
+int launch_variant(const GemvParams& p, bool ln, bool vector_ok, cudaStream_t stream) {
     constexpr int kVec = 16 / sizeof(W);
     if (ln) {
         if (!vector_ok) return launch<T, W, kLNMaxRows, 1, true>(p, stream);
@@ -365,8 +367,8 @@ extern "C" int kogpt_gemv_quantized(int dtype, int weight_format, int M, int N, 
     }
     if (weight_format == KOGPT_WEIGHT_DENSE || !weight_scale) {
         return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT,
-                           "kogpt_gemv_quantized: a quantized weight format and its weight_scale are needed (format %d)",
-                           weight_format);
+                           "kogpt_gemv_quantized: a quantized weight format and its weight_scale are needed "
+                           "(format %d)", weight_format);
     }
     const kogpt::GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
                               residual_stride, out, out_stride, weight_scale, activation, gelu_start, ln_weight,

@@ -226,8 +226,8 @@ def _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, k_len, w_col0,
 def _gemm_kernel(
     x_ptr, x2_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr,
     M, N, K, K1, stride_x, stride_x2, gelu_start,
-    W_FORMAT: tl.constexpr, HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    W_FORMAT: tl.constexpr, HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Program id -> (row tile, column tile), GROUP_M row tiles at a time.

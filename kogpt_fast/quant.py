@@ -11,7 +11,8 @@ Quantizing, symmetric and per output row (`quantize`, `quantize_joint`):
     amax[n]  = max_k |W[n, k]|, in fp32 from the weight as read (a float32 checkpoint is quantized from float32)
     scale[n] = amax[n] / QMAX rounded to the scale dtype, raised by one ulp where that rounding fell below
                amax / QMAX, so that no |W / scale| exceeds QMAX (nothing is clipped); a zero row gets scale 1
-    int8:  data = round_half_even(W / scale) in [-127, 127]      fp8: data = (W / scale).to(float8_e4m3fn), |data| <= 448
+    int8:  data = round_half_even(W / scale), in [-127, 127]
+    fp8:   data = (W / scale).to(float8_e4m3fn) (round to nearest even), |data| <= 448
 GPT-J's fused weights are quantized as fused: [Wo | W_fc_out] gets one scale per row over both pieces' K (the fused
 out_proj + fc_out GEMM applies one scale a row), so out_proj and fc_out hold equal scales. Rows of q, k, v and fc_in
 are independent: quantizing [Wq; Wk; Wv; W_in] or each alone gives the same data and scales.
@@ -253,10 +254,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, check_scheme(scheme)
-        stored = torch.int8 if scheme == "int8" else torch.uint8
-        self.weight = QuantizedWeight(
-            torch.empty(out_features, in_features, dtype=stored, device=device).view(STORAGE_DTYPES[scheme]),
-            torch.ones(out_features, dtype=dtype, device=device))
+        data = torch.zeros(out_features, in_features, dtype=STORAGE_DTYPES[scheme], device=device)
+        self.weight = QuantizedWeight(data, torch.ones(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
