@@ -7,7 +7,7 @@ The CUDA kernels in csrc/ are compiled by nvcc, driven by ninja, into one shared
 kogpt_fast/_lib/libkogpt_cuda.so, that links neither torch nor libcuda (the CUDA runtime is linked statically):
 Python loads it with ctypes (kogpt_fast/cuda_lib.py). Environment:
   KOGPT_SKIP_CUDA=1        build a pure-Python package (also what happens when nvcc is not found)
-  KOGPT_CUDA_ARCHS="80;90" SM architectures to compile for (default 80;89;90)
+  KOGPT_CUDA_ARCHS="80;90" SM architectures to compile for (default 75;80;89;90)
   CUDA_HOME                where nvcc lives (default: nvcc on PATH, else /usr/local/cuda)
   KOGPT_BUILD_JOBS         parallel nvcc jobs (default 2)
 """
@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 LIBRARY = "libkogpt_cuda.so"
-DEFAULT_ARCHS = "80;89;90"
+DEFAULT_ARCHS = "75;80;89;90"  # Turing (T4), Ampere, Ada, Hopper: nvcc 13 has nothing older
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"]
 
 
@@ -36,16 +36,13 @@ def find_nvcc() -> str | None:
     )
 
 
-def find_ninja() -> str:
+def find_ninja() -> str | None:
     try:
         import ninja  # the PyPI package ships the binary
 
         return os.path.join(ninja.BIN_DIR, "ninja")
     except ImportError:
-        found = shutil.which("ninja")
-        if found is None:
-            raise RuntimeError("building the CUDA library needs ninja: pip install ninja (or set KOGPT_SKIP_CUDA=1)")
-        return found
+        return shutil.which("ninja")
 
 
 def cuda_archs() -> list[str]:
@@ -56,8 +53,9 @@ def cuda_archs() -> list[str]:
     return archs
 
 
-def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str], output: Path) -> None:
-    """One compile edge per csrc/*.cu and one link edge; the library links the CUDA runtime statically."""
+def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str], output: Path) -> list[str]:
+    """One compile edge per csrc/*.cu and one link edge; the library links the CUDA runtime statically.
+    Returns the same commands as shell lines (compiles first, the link last) for a machine without ninja."""
     gencode = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in archs)
     defines = f"'-DKOGPT_ARCHS=\"{';'.join(archs)}\"'"  # quoted: ninja runs the command in a shell
     sources = sorted(CSRC.glob("*.cu"))
@@ -73,13 +71,27 @@ def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str], output: Path
         "  command = $nvcc -shared -cudart static -Xcompiler -fPIC $in -o $out",
         "  description = link $out",
     ]
-    objects = []
+    objects, commands = [], []
     for src in sources:
         obj = build_dir / (src.stem + ".o")
         objects.append(str(obj))
         lines.append(f"build {obj}: nvcc {src} | {headers}")
+        commands.append(f"{nvcc} {' '.join(NVCC_FLAGS)} {gencode} -I{CSRC} {defines} -c {src} -o {obj}")
     lines.append(f"build {output}: link {' '.join(objects)}")
     (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+    return commands + [f"{nvcc} -shared -cudart static -Xcompiler -fPIC {' '.join(objects)} -o {output}"]
+
+
+def run_without_ninja(commands: list[str], jobs: int) -> None:
+    """build.ninja's commands, the compiles `jobs` at a time, then the link (a machine without ninja, e.g. a bare
+    GPU machine: a full rebuild each time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    print("kogpt-fast: ninja not found (pip install ninja for incremental builds): running nvcc directly", flush=True)
+    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+        for done in pool.map(lambda c: subprocess.run(c, shell=True), commands[:-1]):
+            done.check_returncode()
+    subprocess.run(commands[-1], shell=True, check=True)
 
 
 class CUDALibrary(Extension):
@@ -109,10 +121,14 @@ class BuildCUDALibrary(build_ext):
         build_dir = Path(self.build_temp).resolve() / "kogpt_cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = cuda_archs()
-        write_build_ninja(build_dir, NVCC, archs, output)
+        commands = write_build_ninja(build_dir, NVCC, archs, output)
         jobs = os.environ.get("KOGPT_BUILD_JOBS", "2")
         print(f"kogpt-fast: compiling csrc/ with {NVCC} for sm_{', sm_'.join(archs)} into {output}", flush=True)
-        subprocess.run([find_ninja(), "-C", str(build_dir), f"-j{jobs}"], check=True)
+        ninja = find_ninja()
+        if ninja is None:
+            run_without_ninja(commands, int(jobs))
+        else:
+            subprocess.run([ninja, "-C", str(build_dir), f"-j{jobs}"], check=True)
 
 
 NVCC = None if os.environ.get("KOGPT_SKIP_CUDA", "") not in ("", "0") else find_nvcc()

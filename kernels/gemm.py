@@ -262,21 +262,21 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _row_stats(x_ptr, stride_x, rm, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) [BLOCK_M] of x's first ROWS rows over K, in fp32 with _layer_norm_kernel's formula: the mean, then
-    the mean of the squared deviations (two passes over the row, from L1/L2), rstd = 1 / sqrt(var + eps). Not its
-    bits: the sums run in K steps, so a normalised element may differ from the LayerNorm kernel's by an ulp."""
+def _row_stats(x_ptr, stride_x, rm, M, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, rstd) [BLOCK_M] of x's first M <= ROWS rows over K, in fp32 with _layer_norm_kernel's formula: the mean,
+    then the mean of the squared deviations (two passes over the row, from L1/L2), rstd = 1 / sqrt(var + eps). Not
+    its bits: the sums run in K steps, so a normalised element may differ from the LayerNorm kernel's by an ulp."""
     rk = tl.arange(0, BLOCK_K)
     means = tl.zeros([BLOCK_M], tl.float32)
     rstds = tl.zeros([BLOCK_M], tl.float32)
     for m in tl.static_range(ROWS):
         total = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            total += tl.load(x_ptr + m * stride_x + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            total += tl.load(x_ptr + m * stride_x + k0 + rk, mask=(k0 + rk < K) & (m < M), other=0.0).to(tl.float32)
         mean = tl.sum(total, axis=0) / K
         squares = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            in_k = k0 + rk < K
+            in_k = (k0 + rk < K) & (m < M)
             xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
             centered = tl.where(in_k, xm - mean, 0.0)
             squares += centered * centered
@@ -287,10 +287,10 @@ def _row_stats(x_ptr, stride_x, rm, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
+def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, k_len, w_col0,
                   ln_w_ptr, ln_b_ptr, means, rstds,
                   HAS_LN: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_FORMAT: tl.constexpr):
-    """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < ROWS (x's rows stride_x apart).
+    """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < M <= ROWS (x's rows stride_x apart).
     With HAS_LN, x's rows are LayerNorm'd first: (x - mean) * rstd * ln_w + ln_b, rounded to x's dtype, as
     _layer_norm_kernel writes them."""
     rk = tl.arange(0, BLOCK_K)
@@ -304,7 +304,7 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
             gain = tl.load(ln_w_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
             shift = tl.load(ln_b_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
-            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k, other=0.0)
+            xm = tl.load(x_ptr + m * stride_x + k0 + rk, mask=in_k & (m < M), other=0.0)
             if HAS_LN:
                 mean = tl.sum(tl.where(rm == m, means, 0.0), axis=0)
                 rstd = tl.sum(tl.where(rm == m, rstds, 0.0), axis=0)
@@ -316,15 +316,18 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, k_len, w_col0,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, x2_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr, ln_w_ptr, ln_b_ptr,
-    N, K, K1, stride_x, stride_x2, gelu_start, eps,
+    M, N, K, K1, stride_x, stride_x2, gelu_start, eps,
     W_FORMAT: tl.constexpr, HAS_X2: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[:ROWS, cols] for the BLOCK_N columns of this program: ROWS = M (1..16, unrolled), BLOCK_M its power of 2.
+    """out[:M, cols] for the BLOCK_N columns of this program. ROWS (= BLOCK_M) is M rounded up to a power of two
+    (1, 2, 4, 8, 16; unrolled, rows from M on masked off) and M a runtime argument that Triton does not specialise
+    on: the 16 decode-sized M values compile 5 kernels per epilogue, not 16 (each compile takes seconds on a cold
+    cache: a first request with a new short prompt, or a new batch size, would wait for it).
     The weight tile [BLOCK_N, BLOCK_K] is read once per K step (the traffic that matters) and serves every row of x;
     products and sums in fp32, one rounding at the store. With HAS_X2, x2 supplies the weight's columns K1..K-1.
     With HAS_LN (no x2), x's rows are LayerNorm'd on the fly: each program computes their mean and rstd itself,
@@ -335,14 +338,14 @@ def _gemv_kernel(
     in_n = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LN:
-        means, rstds = _row_stats(x_ptr, stride_x, rm, K1, eps, ROWS, BLOCK_M, BLOCK_K)
+        means, rstds = _row_stats(x_ptr, stride_x, rm, M, K1, eps, ROWS, BLOCK_M, BLOCK_K)
     else:
         means = tl.zeros([BLOCK_M], tl.float32)
         rstds = means
-    acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, K, K1, 0, ln_w_ptr, ln_b_ptr, means, rstds,
+    acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, K1, 0, ln_w_ptr, ln_b_ptr, means, rstds,
                         HAS_LN, ROWS, BLOCK_K, W_FORMAT)
     if HAS_X2:
-        acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, K, K - K1, K1, ln_w_ptr, ln_b_ptr, means,
+        acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, M, K, K - K1, K1, ln_w_ptr, ln_b_ptr, means,
                             rstds, False, ROWS, BLOCK_K, W_FORMAT)
     acc = _scale_rows(acc, scale_ptr, rn, in_n, W_FORMAT)
 
@@ -351,7 +354,7 @@ def _gemv_kernel(
         acc += tl.load(bias_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = tl.where(rn[None, :] >= gelu_start, gelu_tanh(acc), acc)
-    out_mask = (rm[:, None] < ROWS) & in_n[None, :]
+    out_mask = (rm[:, None] < M) & in_n[None, :]
     out_offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
@@ -483,10 +486,11 @@ def gemm(
     )
     if gemv:
         def run(gcfg: GemvConfig) -> None:
+            rows = triton.next_power_of_2(m)
             _gemv_kernel[(triton.cdiv(n, gcfg.block_n),)](
-                N=n, **args, ln_w_ptr=ln[0] if ln else x, ln_b_ptr=ln[1] if ln else x,
+                M=m, N=n, **args, ln_w_ptr=ln[0] if ln else x, ln_b_ptr=ln[1] if ln else x,
                 eps=float(ln[2]) if ln else 0.0, HAS_LN=ln is not None,
-                ROWS=m, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+                ROWS=rows, BLOCK_M=rows, BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
                 num_warps=gcfg.num_warps,
             )
 

@@ -167,15 +167,16 @@ class GenerationMixin:
                     cfg = dataclasses.replace(cfg, **{name: getattr(fallback, name)})
         return cfg
 
-    def _prefill(self, cache, input_ids, attention_mask, lengths) -> torch.Tensor:
-        """Run and cache the prompts; fp32 logits [B, vocab] of each row's next token.
+    def _prefill(self, cache, input_ids, attention_mask, lengths, capacity=None) -> torch.Tensor:
+        """Run and cache the prompts (blocks for capacity[b] tokens of row b, if given); fp32 logits [B, vocab] of
+        each row's next token.
 
         Only the real (unmasked) tokens are run and cached, and their positions count them from 0, so a
         left-padded row computes exactly what it would alone (HF: positions from attention_mask.cumsum(-1) - 1).
         """
         keep = attention_mask.bool()
         positions = (attention_mask.cumsum(-1) - 1)[keep]
-        cache.start(lengths)
+        cache.start(lengths, capacity)
         return self.forward_step(input_ids[keep], cache.plan(lengths, positions, is_prefill=True), cache)
 
     @torch.inference_mode()
@@ -259,10 +260,9 @@ class GenerationMixin:
         length = prompt_len
         cache = self.cache_for([n + new_tokens for n in lengths])
         try:
-            logits = self._prefill(cache, input_ids, attention_mask, lengths)
-            if new_tokens > 1:  # blocks for every token that will be fed back, so decoding never allocates
-                for b, n in enumerate(lengths):
-                    cache.reserve(b, n + new_tokens - 1)
+            # Blocks for every token that will be fed back, so decoding never allocates.
+            logits = self._prefill(cache, input_ids, attention_mask, lengths, [n + new_tokens - 1 for n in lengths])
+            if new_tokens > 1:
                 decode = self.decode_step(cache)
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             eos_ids = torch.tensor(eos, dtype=torch.long, device=device)

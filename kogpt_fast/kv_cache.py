@@ -6,6 +6,7 @@ The metadata of a step (positions, slots, block tables, lengths) is built once a
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +23,15 @@ class KVCacheExhausted(RuntimeError):
 
 
 class BlockAllocator:
-    """A free list of block ids in [0, num_blocks). Plain Python: it runs once per step, not per layer."""
+    """The free block ids of [0, num_blocks), handed out lowest first. Plain Python: it runs once per step, not per
+    layer. Lowest first means a request that starts on an empty pool gets each sequence's blocks as one run of
+    consecutive ids (the torch backend then reads a sequence's context in place)."""
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = list(range(num_blocks))  # a heap (sorted is one)
         self._used: set[int] = set()
 
     @property
@@ -41,16 +44,19 @@ class BlockAllocator:
                 f"KV cache exhausted: {n} more blocks needed, {len(self._free)} free of a capacity of "
                 f"{self.num_blocks} blocks"
             )
-        blocks = [self._free.pop() for _ in range(n)]
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
         self._used.update(blocks)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
+        seen = set()
         for block in blocks:
-            if block not in self._used:
+            if block not in self._used or block in seen:
                 raise ValueError(f"block {block} is not allocated (double free?)")
+            seen.add(block)
+        for block in blocks:
             self._used.remove(block)
-            self._free.append(block)
+            heapq.heappush(self._free, block)
 
 
 @dataclass
@@ -110,10 +116,12 @@ class PagedKVCache:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
-    def start(self, lengths: list[int]) -> None:
-        """Begin B fresh sequences whose first step adds lengths[b] tokens; their blocks are allocated here."""
+    def start(self, lengths: list[int], capacity: list[int] | None = None) -> None:
+        """Begin B fresh sequences whose first step adds lengths[b] tokens; their blocks, for max(lengths[b],
+        capacity[b]) tokens, are allocated here, each sequence's as one run of consecutive ids when the pool allows
+        (the torch backend then reads a sequence's context in place)."""
         self.release()
-        needed = [self.blocks_for(n) for n in lengths]
+        needed = [self.blocks_for(max(n, c)) for n, c in zip(lengths, capacity or lengths)]
         if sum(needed) > self.allocator.num_free:
             raise KVCacheExhausted(
                 f"KV cache exhausted: the prompts need {sum(needed)} blocks of {self.block_size} tokens, "

@@ -177,15 +177,28 @@ def decode_attention(
 
     q, k, v [B, H, D] before RoPE; the new k, v are written first, so meta.seq_lens [B] counts them.
     meta.block_tables [B, max_blocks] int32 lists each sequence's blocks in order; returns [B, H, D].
+    Each sequence reads only the blocks its context fills (the table is as wide as the longest sequence the model
+    allows): in place when they are consecutive in the pool (as a fresh generate() allocates them), else gathered.
     """
     q, _ = _rope_and_cache(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
-    batch, max_blocks = meta.block_tables.shape
     block_size = k_cache.shape[1]
-    tables = meta.block_tables.long()
-    # Gather each sequence's pages into a contiguous [B, max_blocks*block_size, H, D] context.
-    keys = k_cache[tables].reshape(batch, max_blocks * block_size, *k_cache.shape[2:])
-    values = v_cache[tables].reshape(batch, max_blocks * block_size, *v_cache.shape[2:])
-    context = torch.arange(max_blocks * block_size, device=q.device)
-    visible = (context[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
-    out = _attend(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), visible)  # [B, H, 1, D]
-    return out[:, :, 0, :]
+    out = torch.empty_like(v)
+    for b, (length, table) in enumerate(zip(meta.seq_lens.tolist(), meta.block_tables.tolist())):
+        keys = _context(k_cache, table, length, block_size)  # [L, H, D]
+        values = _context(v_cache, table, length, block_size)
+        scores = torch.matmul(keys.float().transpose(0, 1), q[b].float()[:, :, None])  # [H, L, 1]
+        probs = torch.softmax(scores.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1).to(values.dtype)  # [H, 1, L]
+        out[b] = torch.matmul(probs, values.transpose(0, 1))[:, 0]  # [H, D]
+    return out
+
+
+def _context(pool: torch.Tensor, table: list[int], length: int, block_size: int) -> torch.Tensor:
+    """The first `length` cached tokens [length, H, D] of a sequence whose blocks are `table` in pool
+    [num_blocks, block_size, H, D]: a view when its blocks are consecutive, else a gather of just those blocks."""
+    n = -(-length // block_size)
+    blocks = table[:n]
+    if blocks == list(range(blocks[0], blocks[0] + n)):
+        context = pool[blocks[0]:blocks[0] + n]
+    else:
+        context = pool[torch.tensor(blocks, device=pool.device)]
+    return context.reshape(n * block_size, *pool.shape[2:])[:length]

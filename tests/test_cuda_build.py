@@ -1,6 +1,6 @@
 """CI check of the CUDA library's build, on a machine with nvcc and no GPU (runs on a GPU machine too).
 
-One `pip wheel` (for sm_80 and sm_90, as setup.py builds it) of a copy of the source tree, then: the wheel holds
+One `pip wheel` (for sm_75 and sm_90, the two ends of setup.py's default range) of a copy of the source tree, then: the wheel holds
 kogpt_fast/_lib/libkogpt_cuda.so, the library exports the C ABI, and the wheel installed into a fresh target
 directory imports in a subprocess without a GPU and reports the library present and no device/driver.
 Also: KOGPT_SKIP_CUDA=1 gives a pure-Python wheel and says so.
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_IN_WHEEL = "kogpt_fast/_lib/libkogpt_cuda.so"
-ARCHS = "80;90"
+ARCHS = "75;90"
 
 
 def _nvcc() -> str | None:
@@ -129,3 +129,25 @@ def test_skip_flag_builds_a_pure_python_wheel(tmp_path):
     assert wheel.name.endswith("py3-none-any.whl")
     assert LIBRARY_IN_WHEEL not in zipfile.ZipFile(wheel).namelist()
     assert "without the CUDA library" in result.stdout + result.stderr
+
+
+def test_every_kernel_fits_turing(tmp_path):
+    """sm_75 (T4), the oldest target nvcc 13 has, for the model card's Turing cards: every kernel compiles without
+    spills, within Turing's 255 registers a thread and 48 KB of static shared memory a block."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ptxas(src: Path) -> str:
+        cmd = [_nvcc(), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_75,code=sm_75",
+               f"-I{ROOT / 'csrc'}", "-Xptxas", "-v", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stderr
+
+    with ThreadPoolExecutor(2) as pool:
+        report = "".join(pool.map(ptxas, sorted((ROOT / "csrc").glob("*.cu"))))
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_75'", report)
+    assert len(entries) >= 40, f"expected every kernel instantiation, found {len(entries)}"
+    assert all(int(n) == 0 for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)), report
+    assert max(int(n) for n in re.findall(r"Used (\d+) registers", report)) <= 255
+    assert max([int(n) for n in re.findall(r"(\d+) bytes smem", report)] or [0]) <= 48 * 1024

@@ -322,6 +322,26 @@ def test_gemv_dispatch_rule():
     assert gemm.pick_gemv_config(1, 4096, 4096, torch.float32).block_k == 512
 
 
+def test_gemv_compiles_one_kernel_per_power_of_two_rows(monkeypatch):
+    """M = 1..16 launch the GEMV with ROWS in {1, 2, 4, 8, 16} (M itself a runtime argument): a new prompt length
+    or batch size does not compile a new kernel; the padded rows are masked (the results are checked above)."""
+    launched = []
+    kernel = gemm._gemv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["M"], kwargs["ROWS"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gemm, "_gemv_kernel", Recorder())
+    for m in (1, 2, 3, 5, 9, 16):
+        x, weight, bias, _ = inputs(m, 8, 16, torch.float32)
+        gemm.gemm(x, weight, bias, config="gemv")
+    assert launched == [(1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (16, 16)]
+
+
 def test_gemv_leading_dims_and_bad_config():
     x, weight, bias, _ = inputs(6, 40, 32, torch.float32)
     got = gemm.gemm(x.view(2, 3, 32), weight, bias, config="gemv")

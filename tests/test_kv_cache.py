@@ -80,3 +80,16 @@ def test_blocks_are_reused_across_requests(model):
     for n in (1, 7, 30):
         model.generate(ids, max_new_tokens=n, min_new_tokens=n)
         assert model.kv_cache is pool and pool.allocator.num_free == pool.num_blocks
+
+
+def test_each_sequence_gets_one_run_of_blocks_request_after_request():
+    """start() on an empty pool allocates each sequence's blocks (for its capacity) as one run, request after
+    request: the torch backend's decode attention then reads a sequence's context in place instead of gathering."""
+    cache = PagedKVCache(1, 64, 4, 1, 8, torch.float32, "cpu")
+    for lengths, capacity in (([5, 9, 1], [12, 9, 30]), ([7, 7], [20, 3]), ([3, 40, 2], [3, 41, 9])):
+        cache.start(lengths, capacity)
+        for table, n, c in zip(cache.tables, lengths, capacity):
+            assert len(table) == cache.blocks_for(max(n, c))
+            assert table == list(range(table[0], table[0] + len(table))), cache.tables
+        cache.release()
+    assert cache.allocator.num_free == 64
