@@ -23,8 +23,8 @@
 // exactly in registers (weight_floats), and the row's scale applied to the fp32 sum before the epilogue:
 // out = epilogue(scale[n] * sum_k w[n, k] * x[m, k]). int8 is decoded without int-to-float conversions (they run at
 // a quarter of the FMA rate on sm_80/90, about the rate an H200 streams int8 weights at): the bytes become fp16 by
-// a byte permute and one half2 subtraction per pair. E4M3 uses the cvt.f16x2.e4m3x2 instruction of sm_89+
-// (cuda_fp8.h emulates it on older GPUs, where kogpt_fast refuses fp8 weights: int8 is as small and more accurate).
+// a byte permute and one half2 subtraction per pair. E4M3 uses the cvt.f16x2.e4m3x2 instruction of sm_89+; older
+// GPUs (where kogpt_fast refuses fp8 weights: int8 is as small and more accurate) get a bit shuffle instead.
 #include <math.h>
 
 #include <cuda_fp8.h>
@@ -92,7 +92,8 @@ template <typename T> __device__ void row_stats(const GemvParams& p, float* mean
 // N weights as loaded -> their values in fp32, exactly. Dense weights convert element by element; int8 four at a
 // time: each byte v + 128 (the sign bit flipped) becomes the low byte of an fp16 whose high byte is 0x64, i.e.
 // 1024 + v + 128 (fp16 holds every integer up to 2048), and one half2 subtraction of 1152 leaves v; E4M3 two at a
-// time through cvt.f16x2.e4m3x2 (exact: every E4M3 value is an fp16 value).
+// time through cvt.f16x2.e4m3x2 on sm_89+ (exact: every E4M3 value is an fp16 value), by moving its bits into an
+// fp16's before that.
 template <typename W, int N> __device__ __forceinline__ void weight_floats(const Vec<W, N>& w, float (&out)[N]) {
     if constexpr (std::is_same_v<W, int8_t> && N % 4 == 0) {
         const __half2 magic = __half2half2(__ushort_as_half(0x6480));  // 1152
@@ -116,18 +117,28 @@ template <typename W, int N> __device__ __forceinline__ void weight_floats(const
     } else if constexpr (std::is_same_v<W, int8_t>) {
 #pragma unroll
         for (int i = 0; i < N; ++i) out[i] = static_cast<float>(w.v[i]);
-    } else if constexpr (std::is_same_v<W, __nv_fp8_e4m3> && N % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / 2; ++i) {
-            __nv_fp8x2_storage_t pair;
-            memcpy(&pair, &w.v[2 * i], 2);
-            const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-            out[2 * i] = f.x;
-            out[2 * i + 1] = f.y;
-        }
     } else if constexpr (std::is_same_v<W, __nv_fp8_e4m3>) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        if constexpr (N % 2 == 0) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = static_cast<float>(w.v[i]);
+            for (int i = 0; i < N / 2; ++i) {
+                __nv_fp8x2_storage_t pair;
+                memcpy(&pair, &w.v[2 * i], 2);
+                const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+                out[2 * i] = f.x;
+                out[2 * i + 1] = f.y;
+            }
+            return;
+        }
+#endif
+        // Without the instruction (sm_75/80; kogpt_fast refuses fp8 weights there, this keeps the kernel correct
+        // and small): the byte s eeee mmm moved into an fp16 as s 0eeee mmm0000000 is the value / 2**8, subnormals
+        // included (the exponent read with fp16's bias 15 instead of 7).
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const unsigned b = reinterpret_cast<const unsigned char&>(w.v[i]);
+            out[i] = __half2float(__ushort_as_half((unsigned short)(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7)))) * 256.f;
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) out[i] = to_float<W>(w.v[i]);
