@@ -5,8 +5,14 @@ would clash with an existing PyPI package. The embedded demo checkpoint ships as
 
 The CUDA kernels in csrc/ are compiled by nvcc, driven by ninja, into one shared library,
 kogpt_fast/_lib/libkogpt_cuda.so, that links neither torch nor libcuda (the CUDA runtime is linked statically):
-Python loads it with ctypes (kogpt_fast/cuda_lib.py). Environment:
+Python loads it with ctypes (kogpt_fast/cuda_lib.py).
+
+It is built where it can be used or where it is asked for: always in a wheel (`pip wheel .`, `pip install .`), and
+in an editable install (`pip install -e .`, what scripts/setup_env.sh runs) only on a machine with a GPU driver or
+with KOGPT_BUILD_CUDA=1. The objects stay in build/kogpt_cuda/, so ninja recompiles only the csrc/ files that
+changed. Environment:
   KOGPT_SKIP_CUDA=1        build a pure-Python package (also what happens when nvcc is not found)
+  KOGPT_BUILD_CUDA=1       build the library in an editable install too (and fail if nvcc is missing)
   KOGPT_CUDA_ARCHS="80;90" SM architectures to compile for (default 75;80;89;90)
   CUDA_HOME                where nvcc lives (default: nvcc on PATH, else /usr/local/cuda)
   KOGPT_BUILD_JOBS         parallel nvcc jobs (default 2)
@@ -51,6 +57,16 @@ def cuda_archs() -> list[str]:
     if not archs or not all(a.rstrip("a").isdigit() for a in archs):
         raise RuntimeError(f"KOGPT_CUDA_ARCHS={os.environ.get('KOGPT_CUDA_ARCHS')!r}: expected e.g. '80;89;90'")
     return archs
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver (where an editable install's library could run)."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists() or bool(
+        shutil.which("nvidia-smi"))
 
 
 def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str], output: Path) -> list[str]:
@@ -107,6 +123,13 @@ class BuildCUDALibrary(build_ext):
             return os.path.join(*fullname.split(".")[:-1], LIBRARY)
         return super().get_ext_filename(fullname)
 
+    def run(self):
+        if self.editable_mode and not (flag("KOGPT_BUILD_CUDA") or gpu_driver_present()):
+            print("kogpt-fast: editable install on a machine without a GPU driver: the CUDA library is not built "
+                  "(it could not run here; KOGPT_BUILD_CUDA=1 builds it)", flush=True)
+            self.extensions = [e for e in self.extensions if not isinstance(e, CUDALibrary)]
+        super().run()
+
     def copy_extensions_to_source(self):
         # editable installs copy the library into kogpt_fast/_lib/, which a fresh checkout does not have
         package_dir = self.get_finalized_command("build_py").get_package_dir("kogpt_fast._lib")
@@ -118,22 +141,29 @@ class BuildCUDALibrary(build_ext):
             return super().build_extension(ext)
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(self.build_temp).resolve() / "kogpt_cuda"
+        # In the source tree, not in build_temp (a new temporary directory for every editable install): ninja keeps
+        # its objects and its log there, and recompiles only what changed.
+        build_dir = ROOT / "build" / "kogpt_cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = cuda_archs()
-        commands = write_build_ninja(build_dir, NVCC, archs, output)
+        commands = write_build_ninja(build_dir, NVCC, archs, build_dir / LIBRARY)
         jobs = os.environ.get("KOGPT_BUILD_JOBS", "2")
-        print(f"kogpt-fast: compiling csrc/ with {NVCC} for sm_{', sm_'.join(archs)} into {output}", flush=True)
+        print(f"kogpt-fast: compiling csrc/ with {NVCC} for sm_{', sm_'.join(archs)} in {build_dir} (only what "
+              "changed)", flush=True)
         ninja = find_ninja()
         if ninja is None:
             run_without_ninja(commands, int(jobs))
         else:
             subprocess.run([ninja, "-C", str(build_dir), f"-j{jobs}"], check=True)
+        shutil.copy2(build_dir / LIBRARY, output)
 
 
-NVCC = None if os.environ.get("KOGPT_SKIP_CUDA", "") not in ("", "0") else find_nvcc()
+NVCC = None if flag("KOGPT_SKIP_CUDA") else find_nvcc()
+if NVCC is None and flag("KOGPT_BUILD_CUDA") and not flag("KOGPT_SKIP_CUDA"):
+    raise RuntimeError("KOGPT_BUILD_CUDA=1 asks for the CUDA library, but nvcc was not found (CUDA_HOME, PATH, "
+                       "/usr/local/cuda/bin)")
 if NVCC is None:
-    reason = "KOGPT_SKIP_CUDA is set" if os.environ.get("KOGPT_SKIP_CUDA", "") not in ("", "0") else "nvcc not found"
+    reason = "KOGPT_SKIP_CUDA is set" if flag("KOGPT_SKIP_CUDA") else "nvcc not found"
     print(f"kogpt-fast: {reason}: building a pure-Python package without the CUDA library "
           "(backend='cuda' will be unavailable; torch and triton still work)", file=sys.stderr, flush=True)
 

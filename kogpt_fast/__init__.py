@@ -21,6 +21,7 @@ _LAZY = {
     "KoGPTForCausalLM": "kogpt_fast.model",
     "KoGPTTokenizer": "kogpt_fast.tokenizer",
     "GenerationConfig": "kogpt_fast.generation",
+    "GenerateDecoderOnlyOutput": "kogpt_fast.generation",
     "CheckpointError": "kogpt_fast.loader",
     "KVCacheExhausted": "kogpt_fast.kv_cache",
     "demo_model_path": "kogpt_fast.demo",

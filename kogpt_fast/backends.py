@@ -25,6 +25,33 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run on this machine or device."""
 
 
+class DeviceUnavailable(RuntimeError):
+    """A device that this torch build or this machine does not have (e.g. device="cuda" with a CPU-only torch)."""
+
+
+def require_device(device) -> torch.device:
+    """`device` as a torch.device, once it is known to exist here (checked before anything is moved to it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.backends.cuda.is_built():
+        raise DeviceUnavailable(
+            f"device {str(device)!r} was requested, but this torch ({torch.__version__}) was built without CUDA: "
+            "install a CUDA build of torch (https://pytorch.org/get-started/locally/), or run on the CPU "
+            "(device='cpu', --device cpu in the CLI)"
+        )
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceUnavailable(
+            f"device {str(device)!r} was requested, but no CUDA device is visible (no driver, no GPU, or "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}); run on the CPU (device='cpu', "
+            "--device cpu in the CLI)"
+        )
+    if device.index is not None and device.index >= count:
+        raise DeviceUnavailable(f"device {str(device)!r} was requested, but only {count} CUDA device(s) are visible")
+    return device
+
+
 def check_backend_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not one of {', '.join(BACKENDS)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import traceback
@@ -43,13 +44,48 @@ class TextPrinter:
         self.out.flush()
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (temperature, repetition penalty): `inf` and `nan` are refused, as 0 and negatives are."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kogpt-fast",
         description="Generate Korean text with KoGPT (or any GPT-J checkpoint). Without --prompt, runs KoGPT's "
         "interactive loop; `kogpt-fast convert SRC DST` converts a checkpoint to safetensors.",
     )
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, or a hub id that the local Hugging Face cache holds, e.g. "
+                   "kakaobrain/kogpt (default: the embedded demo model; nothing is ever downloaded)")
+    p.add_argument("--revision", default=None, help="the hub revision of --model, e.g. KoGPT6B-ryan1.5b-float16")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="default: float16 on cuda, float32 on cpu")
@@ -60,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--debug", action="store_true", help="print timings, the backend, and tracebacks")
     one = p.add_argument_group("one-shot mode")
     one.add_argument("--prompt", help="generate once for this prompt and exit")
-    one.add_argument("--temperature", type=float, default=0.8)
-    one.add_argument("--max-length", type=int, default=128, help="prompt + new tokens, as in KoGPT's loop")
-    one.add_argument("--max-new-tokens", type=int, default=None, help="overrides --max-length")
-    one.add_argument("--top-k", type=int, default=50)
-    one.add_argument("--top-p", type=float, default=1.0)
-    one.add_argument("--repetition-penalty", type=float, default=1.0)
+    one.add_argument("--temperature", type=positive_float, default=0.8)
+    one.add_argument("--max-length", type=count(1), default=128, help="prompt + new tokens, as in KoGPT's loop")
+    one.add_argument("--max-new-tokens", type=count(0), default=None, help="overrides --max-length")
+    one.add_argument("--top-k", type=count(0), default=50, help="0: no top-k filtering")
+    one.add_argument("--top-p", type=probability, default=1.0)
+    one.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     one.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     one.add_argument("--seed", type=int, default=None)
     return p
@@ -75,45 +111,73 @@ def convert_main(argv: list[str]) -> int:
     from .convert import convert
 
     p = argparse.ArgumentParser(prog="kogpt-fast convert", description="Write a safetensors copy of a checkpoint.")
-    p.add_argument("src", help="checkpoint directory (pytorch_model.bin or safetensors)")
+    p.add_argument("src", help="checkpoint directory (pytorch_model.bin or safetensors), or a hub id in the local "
+                   "Hugging Face cache")
     p.add_argument("dst", help="new directory to create")
+    p.add_argument("--revision", default=None, help="the hub revision of SRC")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="write int8 / fp8 (E4M3) weights with per-row scales for every projection and the lm_head")
+    p.add_argument("-d", "--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        out = convert(args.src, args.dst, dtype=args.dtype, revision=args.revision, quantize=args.quantize)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        return report(e, args.debug)
     print(f"wrote {out}")
     return 0
 
 
+def report(error: Exception, debug: bool, out=None) -> int:
+    """Print `error: ...` (and the traceback only with --debug); the exit status for it."""
+    if debug:
+        traceback.print_exc()
+    expected = isinstance(error, (OSError, ValueError, TypeError, RuntimeError, NotImplementedError))
+    text = str(error) if expected else (
+        f"{type(error).__name__}: {error} (an internal error: rerun with --debug for the traceback, and report it)")
+    print(f"error: {text}", file=out if out is not None else sys.stderr)
+    return EXIT_ERROR
+
+
 def load(args):
+    """The tokenizer and the model. The checkpoint is checked first (its directory, config.json and weights), so a
+    bad --model is reported as what it is before the tokenizer is looked for."""
     from . import KoGPTForCausalLM, KoGPTTokenizer
+    from .backends import require_device
+    from .loader import check_checkpoint, model_dir
 
     if args.debug:  # e.g. which implementation each op of the cuda backend ran on
         logging.basicConfig(format="[debug] %(name)s: %(message)s")
         logging.getLogger("kogpt_fast").setLevel(logging.DEBUG)
     start = time.perf_counter()
-    tokenizer = KoGPTTokenizer.from_pretrained(args.model)
-    model = KoGPTForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+    if args.device is not None:
+        require_device(args.device)
+    directory = model_dir(args.model, revision=args.revision)
+    check_checkpoint(directory)
+    tokenizer = KoGPTTokenizer.from_pretrained(directory)
+    model = KoGPTForCausalLM.from_pretrained(directory, device=args.device, dtype=args.dtype, backend=args.backend,
                                              quantize=args.quantize)
     if args.debug:
         from .backends import resolve
-
         from .quant import model_scheme
 
-        print(f"[debug] loaded {getattr(model, 'name_or_path', args.model)} on {model.device} ({model.dtype}, "
-              f"weights {model_scheme(model) or 'dense'}), backend {resolve(args.backend, model.device)}, in "
+        print(f"[debug] loaded {directory} on {model.device} ({model.dtype}, weights "
+              f"{model_scheme(model) or 'dense'}), backend {resolve(args.backend, model.device)}, in "
               f"{time.perf_counter() - start:.2f}s",
               file=sys.stderr)
     return tokenizer, model
 
 
-def generate(tokenizer, model, prompt: str, args, **sampling) -> None:
+def encode_prompt(tokenizer, prompt: str):
     ids = tokenizer.encode(prompt, return_tensors="pt")
+    if ids.shape[1] == 0:
+        raise ValueError(f"the prompt {prompt!r} has no tokens: give some text to continue")
+    return ids
+
+
+def generate(tokenizer, model, ids, args, **sampling) -> None:
     start = time.perf_counter()
     out = model.generate(ids, streamer=TextPrinter(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          seed=args.seed, **sampling)
@@ -128,43 +192,73 @@ def ask(label: str) -> str:
     return input(label).strip()
 
 
+def ask_until_valid(label: str, parse):
+    """Ask until the answer parses; a bad one is refused with the reason, and the same question comes again."""
+    while True:
+        try:
+            return parse(ask(label))
+        except ValueError as e:
+            print(f"error: {e}")
+
+
+def loop_temperature(answer: str) -> float:
+    try:
+        return positive_float(answer or "0.8")
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"temperature: {e}") from None
+
+
+def loop_max_length(prompt_tokens: int, n_positions: int):
+    def parse(answer: str) -> int:
+        try:
+            value = count(1)(answer or "128")
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"max_length: {e}") from None
+        if value <= prompt_tokens:
+            raise ValueError(f"max_length counts the prompt too: the prompt has {prompt_tokens} tokens, so "
+                             f"max_length must be above {prompt_tokens}")
+        if value > n_positions:
+            raise ValueError(f"max_length {value} is beyond this model's context of {n_positions} tokens "
+                             "(n_positions)")
+        return value
+
+    return parse
+
+
 def interactive(tokenizer, model, args) -> None:
-    """KoGPT's loop. Empty prompt: ask again. Bad value: say why, ask again. Ctrl-C while generating: back to
-    prompt>. End of input or Ctrl-C at a prompt: return."""
+    """KoGPT's loop. Empty prompt: ask again. A bad answer: say why, ask that question again. Ctrl-C while
+    generating: back to prompt>. End of input or Ctrl-C at a question: return."""
     while True:
         try:
             prompt = ask("prompt> ")
             if not prompt:
                 continue
-            temperature = ask("temperature(0.8)> ") or "0.8"
-            max_length = ask("max_length(128)> ") or "128"
+            try:
+                ids = encode_prompt(tokenizer, prompt)
+            except ValueError as e:
+                print(f"error: {e}")
+                continue
+            temperature = ask_until_valid("temperature(0.8)> ", loop_temperature)
+            max_length = ask_until_valid("max_length(128)> ", loop_max_length(ids.shape[1], model.config.n_positions))
         except (EOFError, KeyboardInterrupt):
             print()
             return
         try:
-            temperature, max_length = float(temperature), int(max_length)
-        except ValueError:
-            print(f"error: temperature must be a number and max_length an integer, got {temperature!r}, "
-                  f"{max_length!r}")
-            continue
-        if not temperature > 0:
-            print(f"error: temperature must be positive, got {temperature}")
-            continue
-        try:
-            generate(tokenizer, model, prompt, args, do_sample=True, temperature=temperature, max_length=max_length)
+            generate(tokenizer, model, ids, args, do_sample=True, temperature=temperature, max_length=max_length)
         except KeyboardInterrupt:
             print("\n(interrupted)")
-        except (ValueError, TypeError, RuntimeError) as e:
-            print(f"error: {e}")
-            if args.debug:
-                traceback.print_exc()
+        except Exception as e:
+            report(e, args.debug, out=sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
         return convert_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty: give some text to continue")
     try:
         tokenizer, model = load(args)
         if args.prompt is None:
@@ -174,13 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             sampling = dict(do_sample=False)
         else:
             sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        generate(tokenizer, model, args.prompt, args, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                 repetition_penalty=args.repetition_penalty, **sampling)
+        generate(tokenizer, model, encode_prompt(tokenizer, args.prompt), args, max_length=args.max_length,
+                 max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty, **sampling)
         return 0
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, TypeError, RuntimeError, NotImplementedError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as e:
+        return report(e, args.debug)

@@ -108,7 +108,7 @@ class GPTJConfig:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         try:
             return cls.from_dict(data)
-        except TypeError as e:  # a field of the wrong kind that the dataclass rejects
+        except (ConfigError, TypeError) as e:  # TypeError: a field of the wrong kind that the dataclass rejects
             raise ConfigError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict:

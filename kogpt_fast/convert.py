@@ -32,11 +32,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 
 def convert(src, dst, dtype=None, shard_bytes: int = 4 * 2**30, progress: bool | None = None,
-            quantize: str | None = None) -> Path:
-    """Write DST (a new directory) holding config.json, model.safetensors (or shards + index) and side files."""
+            revision: str | None = None, quantize: str | None = None) -> Path:
+    """Write DST (a new directory) holding config.json, model.safetensors (or shards + index) and side files.
+    SRC: a checkpoint directory, or a hub id (at `revision`) that the local HF cache holds."""
     from safetensors.torch import save_file
 
-    src, dst = model_dir(src), Path(dst)
+    src, dst = model_dir(src, revision=revision), Path(dst)
     dtype = parse_dtype(dtype)
     quantize = quant.check_scheme(quantize)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):

@@ -56,23 +56,34 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def model_dir(path) -> Path:
-    """The checkpoint directory for `path` (None: the embedded demo checkpoint)."""
-    if path is None:
-        from .demo import demo_model_path
+def model_dir(path, *, revision=None, cache_dir=None, subfolder=None) -> Path:
+    """The checkpoint directory for `path`: a local directory, a hub id in the local HF cache, or None (the demo)."""
+    from .hub import checkpoint_dir
 
-        return demo_model_path()
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no model directory at {p} (kogpt-fast reads local checkpoints; it never downloads)")
-    if not p.is_dir():
-        raise NotADirectoryError(f"{p} is not a directory: pass the checkpoint directory holding config.json")
-    return p
+    directory = checkpoint_dir(path, revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory: pass the checkpoint directory holding config.json")
+    return directory
 
 
-def weight_files(directory: Path) -> tuple[str, dict[str, Path]]:
-    """(layout, {tensor name -> file}) for the first weight layout present in `directory`."""
-    for name in WEIGHT_FILES:
+def check_checkpoint(directory: Path) -> None:
+    """What from_pretrained reads first, checked without loading a tensor: config.json, then the weights' files."""
+    GPTJConfig.from_json_file(directory / "config.json")
+    weight_files(directory)
+
+
+def weight_names(use_safetensors: bool | None = None, variant: str | None = None) -> tuple[str, ...]:
+    """The weight files looked for, in order. use_safetensors (HF's): True only safetensors, False only .bin.
+    variant (HF's, e.g. "fp16"): model.fp16.safetensors, model.safetensors.index.fp16.json, pytorch_model.fp16.bin."""
+    names = [n for n in WEIGHT_FILES if use_safetensors is None or n.startswith("model.") == use_safetensors]
+    if variant:
+        names = [".".join(n.split(".")[:-1] + [variant, n.split(".")[-1]]) for n in names]  # HF's _add_variant
+    return tuple(names)
+
+
+def weight_files(directory: Path, names: tuple[str, ...] = WEIGHT_FILES) -> tuple[str, dict[str, Path]]:
+    """(layout, {tensor name -> file}) for the first weight layout of `names` present in `directory`."""
+    for name in names:
         path = directory / name
         if not path.is_file():
             continue
@@ -91,15 +102,15 @@ def weight_files(directory: Path) -> tuple[str, dict[str, Path]]:
                 raise FileNotFoundError(f"shard {shard} listed in {path} for {tensor!r} is missing")
             files[tensor] = shard
         return name, files
-    raise FileNotFoundError(f"no weights in {directory}: looked for {', '.join(WEIGHT_FILES)}")
+    raise FileNotFoundError(f"no weights in {directory}: looked for {', '.join(names)}")
 
 
 class CheckpointReader(contextlib.ExitStack):
     """Reads named tensors from a checkpoint's files, opening each file once. Use as a context manager."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, names: tuple[str, ...] = WEIGHT_FILES):
         super().__init__()
-        self.layout, self._files = weight_files(directory)
+        self.layout, self._files = weight_files(directory, names)
         self._open: dict[Path, object] = {}
         self.names: dict[str, Path] = {}
         for file in dict.fromkeys(self._files.values()):
@@ -179,16 +190,17 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-# HF from_pretrained arguments that need no action here.
-ACCEPTED_HF_ARGUMENTS = {"low_cpu_mem_usage", "trust_remote_code", "local_files_only"}
+def load_model(cls, path, *, device=None, dtype=None, backend="auto", device_map=None, revision=None, cache_dir=None,
+               subfolder=None, use_safetensors=None, variant=None, generation_config=None, progress=None,
+               overrides=None, quantize=None):
+    """KoGPTForCausalLM.from_pretrained (see there). `overrides`: config fields and HF's inert arguments."""
+    from . import backends, hf_compat
 
-
-def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=None, overrides=None, quantize=None):
-    from . import backends
-
-    directory = model_dir(path)
-    config = with_overrides(GPTJConfig.from_json_file(directory / "config.json"), overrides or {})
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = dict(overrides or {})
+    hf_compat.pop_hf_arguments("from_pretrained()", overrides, hf_compat.MODEL_INERT, hf_compat.MODEL_REFUSED)
+    directory = model_dir(path, revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+    config = with_overrides(GPTJConfig.from_json_file(directory / "config.json"), overrides)
+    device = target_device(device, device_map)
     dtype = parse_dtype(dtype) or default_dtype(config, device)
     stored, scheme = quantization_scheme(config, directory, quantize)
     quant.check_runnable(scheme, backends.resolve(backend, device), device)  # before the load, as an explicit backend
@@ -199,7 +211,7 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=N
             quant.make_quantized(model, stored)
     expected = dict(model.named_parameters())
     tied = config.tie_word_embeddings
-    with CheckpointReader(directory) as reader:
+    with CheckpointReader(directory, weight_names(use_safetensors, variant)) as reader:
         present = {n for n in reader.names if not IGNORED_KEY.match(n)}
         problems = mismatches(expected, {n: reader.shape(n) for n in present}, tied, "the checkpoint")
         if problems:
@@ -229,7 +241,7 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", progress=N
         check_shared_scales(model, directory)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
-    model.generation_config = read_generation_config(directory)
+    model.generation_config = generation_defaults(config, generation_config, directory)
     model.name_or_path = str(directory)
     return model.eval()
 
@@ -264,6 +276,31 @@ def check_shared_scales(model, directory) -> None:
                                   "row over both (kogpt-fast convert --quantize writes them so)")
 
 
+def target_device(device, device_map) -> torch.device:
+    """`device`, or the one device HF's `device_map` names; default cuda when available. Checked to exist here."""
+    from . import backends, hf_compat
+
+    mapped = hf_compat.device_from_map(device_map)
+    if device is not None and mapped is not None and torch.device(device) != mapped:
+        raise ValueError(f"device={str(device)!r} and device_map={device_map!r} name different devices: pass one")
+    device = device if device is not None else mapped
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return backends.require_device(device)
+
+
+def model_from_hf(cls, hf_model, backend: str = "auto"):
+    """KoGPTForCausalLM.from_hf: a model over a loaded transformers GPTJForCausalLM's own tensors (no copy)."""
+    from .generation import GenerationConfig
+
+    config = GPTJConfig.from_dict(hf_model.config.to_dict())
+    # named_parameters() names a tied lm_head.weight once (as the embedding); buffers (embed_positions) are not weights
+    model = model_from_state_dict(cls, config, dict(hf_model.named_parameters()), backend=backend)
+    model.generation_config = GenerationConfig.from_any(getattr(hf_model, "generation_config", None))
+    model.name_or_path = getattr(hf_model, "name_or_path", None) or type(hf_model).__name__
+    return model
+
+
 def model_from_state_dict(cls, config: GPTJConfig, state_dict: dict, backend: str = "auto"):
     """A model over existing tensors (no copy; device and dtype are theirs), checked like a checkpoint."""
     with torch.device("meta"):
@@ -285,7 +322,7 @@ def model_from_state_dict(cls, config: GPTJConfig, state_dict: dict, backend: st
 def with_overrides(config: GPTJConfig, overrides: dict) -> GPTJConfig:
     """Config fields given to from_pretrained by keyword, as HF allows (e.g. pad_token_id=...)."""
     fields = set(GPTJConfig.__dataclass_fields__) - {"extra"}
-    unknown = sorted(set(overrides) - fields - ACCEPTED_HF_ARGUMENTS)
+    unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(unknown)}")
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
@@ -309,6 +346,20 @@ def default_dtype(config: GPTJConfig, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if config.torch_dtype == "bfloat16" else torch.float16
+
+
+def generation_defaults(config: GPTJConfig, given, directory: Path):
+    """The model's generation_config: HF's or ours if given, else generation_config.json, else HF's defaults with
+    the config's token ids (as HF builds one from config.json)."""
+    from .generation import GenerationConfig
+
+    if given is not None:
+        return GenerationConfig.from_any(given)
+    found = read_generation_config(directory)
+    if found is not None:
+        return found
+    return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                            pad_token_id=config.pad_token_id)
 
 
 def read_generation_config(directory: Path):

@@ -95,26 +95,47 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         torch_dtype: torch.dtype | str | None = None,
+        device_map=None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        use_safetensors: bool | None = None,
+        variant: str | None = None,
+        generation_config=None,
         progress: bool | None = None,
         quantize: str | None = None,
         **overrides,
     ) -> "KoGPTForCausalLM":
-        """Load a HF GPT-J checkpoint directory (safetensors, sharded safetensors or pytorch_model.bin).
+        """Load a HF GPT-J checkpoint: a directory (safetensors, sharded safetensors or pytorch_model.bin), or a
+        hub id ("kakaobrain/kogpt", with `revision`) that the local HF cache holds (nothing is ever downloaded).
 
-        device: default cuda when available, else cpu. dtype (or HF's torch_dtype): default float16 on a GPU
-        (bfloat16 for a bfloat16 checkpoint) and float32 on the CPU. backend: "auto", "torch", "triton" or
-        "cuda" (also from the KOGPT_BACKEND environment variable when "auto"). Like HF, config fields may be
-        overridden by keyword (e.g. `pad_token_id=tokenizer.eos_token_id`); HF's `low_cpu_mem_usage` is accepted
-        (loading is always tensor by tensor). quantize: "int8" or "fp8" (kogpt_fast.quant) quantizes every
-        projection and the lm_head as they are read; a checkpoint written by `kogpt-fast convert --quantize` loads
-        quantized as it is.
+        device: default cuda when available, else cpu; or HF's device_map naming one device ("auto", "cuda:0",
+        {"": 0}). dtype (or HF's torch_dtype): default float16 on a GPU (bfloat16 for a bfloat16 checkpoint) and
+        float32 on the CPU. backend: "auto", "torch", "triton" or "cuda" (also from the KOGPT_BACKEND environment
+        variable when "auto"). use_safetensors, variant, subfolder, cache_dir and generation_config as in HF.
+        Like HF, config fields may be overridden by keyword (e.g. `pad_token_id=tokenizer.eos_token_id`); HF's
+        arguments that change nothing here are accepted, those asking for what kogpt-fast does not do raise
+        NotImplementedError (kogpt_fast.hf_compat; the README's argument table). quantize: "int8" or "fp8"
+        (kogpt_fast.quant) quantizes every projection and the lm_head as they are read; a checkpoint written by
+        `kogpt-fast convert --quantize` loads quantized as it is.
         """
         from .loader import load_model
 
         return load_model(
             cls, path, device=device, dtype=dtype if dtype is not None else torch_dtype, backend=backend,
+            device_map=device_map, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+            use_safetensors=use_safetensors, variant=variant, generation_config=generation_config,
             progress=progress, overrides=overrides, quantize=quantize,
         )
+
+    @classmethod
+    def from_hf(cls, hf_model, *, backend: str = "auto") -> "KoGPTForCausalLM":
+        """Ours over a loaded `transformers.GPTJForCausalLM`'s own tensors (no copy; its device and dtype), with
+        its config and generation_config: an app that holds the HF model swaps in one line. The first forward
+        lays the projections out for the backend's GEMMs (fused_weights, _gemm_layout), as for a loaded model."""
+        from .loader import model_from_hf
+
+        return model_from_hf(cls, hf_model, backend=backend)
 
     @classmethod
     def from_state_dict(cls, config: GPTJConfig, state_dict: dict, *, backend: str = "auto") -> "KoGPTForCausalLM":
@@ -122,6 +143,17 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         from .loader import model_from_state_dict
 
         return model_from_state_dict(cls, config, state_dict, backend=backend)
+
+    def to(self, *args, **kwargs):
+        """nn.Module.to, after checking that the device exists here (a clear error, not torch's AssertionError)."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            backends.require_device(device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        backends.require_device(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+        return super().cuda(device)
 
     @property
     def device(self) -> torch.device:
@@ -170,6 +202,8 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                     for module in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj,
                                    block.mlp.fc_in, block.mlp.fc_out):
                         module.weight = as_weight(module.weight.contiguous().clone())
+                    # fc_in's bias is a slice of the fused [0; 0; 0; b_in], which would otherwise stay alive
+                    block.mlp.fc_in.bias = nn.Parameter(block.mlp.fc_in.bias.clone(), requires_grad=False)
             self._fused = None
 
     def _gemm_layout(self) -> None:

@@ -29,6 +29,9 @@ _FILES = ("tokenizer.json", "tokenizer.model")
 _NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # HF's SPECIAL_TOKENS_ATTRIBUTES order
 _BY_NAME = {"bos": ("[BOS]", "<s>", "<|endoftext|>"), "eos": ("[EOS]", "</s>", "<|endoftext|>"),
             "unk": ("[UNK]", "<unk>", "<|endoftext|>"), "pad": ("[PAD]", "<pad>"), "mask": ("[MASK]", "<mask>")}
+# from_pretrained keywords that override tokenizer_config.json (HF's meaning; None: not given)
+_CONFIG_ARGUMENTS = {f"{n}_token" for n in _NAMES} | {
+    "extra_special_tokens", "model_max_length", "clean_up_tokenization_spaces", "add_bos_token", "add_eos_token"}
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # HF's clean_up_tokenization, in its order
 
@@ -48,17 +51,14 @@ class BatchEncoding(dict):
         return self
 
 
-def _resolve(path) -> Path:
-    """The tokenizer file `path` names: the file itself, or a directory's tokenizer.json, else its tokenizer.model."""
-    if path is None:
-        from .demo import demo_model_path
+def _resolve(path, revision=None, cache_dir=None, subfolder=None) -> Path:
+    """The tokenizer file `path` names: the file itself, or a directory's tokenizer.json, else its tokenizer.model.
+    A directory may be a hub id that the local HF cache holds (kogpt_fast.hub; nothing is downloaded)."""
+    from .hub import checkpoint_dir
 
-        path = demo_model_path()
-    if not isinstance(path, (str, os.PathLike)):
+    if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"tokenizer path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
+    path = checkpoint_dir(path, revision=revision, cache_dir=cache_dir, subfolder=subfolder)
     for file in [path] if path.is_file() else [path / name for name in _FILES]:
         if file.is_file():
             return file
@@ -79,6 +79,8 @@ def _read_config(directory: Path) -> dict:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         config.update(data)
+    if "additional_special_tokens" in config:  # HF 4's name for HF 5's extra_special_tokens
+        config.setdefault("extra_special_tokens", config.pop("additional_special_tokens"))
     return config
 
 
@@ -90,6 +92,9 @@ def _token_spec(value, where: str) -> dict | None:
         return {"content": value}
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return {k: value[k] for k in ("content", "single_word", "lstrip", "rstrip", "normalized") if k in value}
+    if isinstance(getattr(value, "content", None), str):  # an AddedToken (tokenizers' or transformers')
+        return {k: getattr(value, k) for k in ("content", "single_word", "lstrip", "rstrip", "normalized")
+                if hasattr(value, k)}
     raise ValueError(f"{where}: a special token must be a string or a dict with 'content', got {value!r}")
 
 
@@ -123,16 +128,46 @@ class KoGPTTokenizer:
         self._clean_up = bool(config.get("clean_up_tokenization_spaces", False))
         specs = {n: _token_spec(config.get(f"{n}_token"), f"{file.parent}: {n}_token") for n in _NAMES}
         specs = {n: s for n, s in specs.items() if s}
+        extras = config.get("extra_special_tokens") or []
+        extras = list(extras.values()) if isinstance(extras, dict) else extras  # HF 5's named extras
+        if not isinstance(extras, (list, tuple)):
+            raise ValueError(f"{file.parent}: extra_special_tokens must be a list of tokens, got {extras!r}")
         self._special = self._register(specs, file) if specs else self._recognise()  # name -> (token, id)
+        self._extras = self._register_extras([_token_spec(t, f"{file.parent}: extra_special_tokens") for t in extras],
+                                             file)
         if self._tk is not None:
             self._tk.no_padding()  # padding and truncation are done per call, as HF does
             self._tk.no_truncation()
 
     @classmethod
-    def from_pretrained(cls, path=None, *, padding_side: str = "left") -> "KoGPTTokenizer":
-        """Load from a directory (tokenizer.json, else tokenizer.model) or either file; None: the demo checkpoint."""
-        file = _resolve(path)
+    def from_pretrained(cls, path=None, *, padding_side: str = "left", revision: str | None = None, cache_dir=None,
+                        subfolder: str | None = None, **kwargs) -> "KoGPTTokenizer":
+        """Load from a directory (tokenizer.json, else tokenizer.model), either file, or a hub id in the local HF
+        cache (with `revision`, `cache_dir`); None: the demo checkpoint.
+
+        As in HF, keyword arguments override tokenizer_config.json: the special tokens (bos_token, eos_token,
+        unk_token, sep_token, pad_token, cls_token, mask_token, additional_special_tokens / extra_special_tokens;
+        a token not in the vocabulary of a tokenizer.json is appended, as HF does), model_max_length,
+        clean_up_tokenization_spaces, and (tokenizer.model only) add_bos_token / add_eos_token. HF's arguments that
+        change nothing here are accepted; unknown ones raise TypeError.
+        """
+        from . import hf_compat
+
+        hf_compat.pop_hf_arguments("KoGPTTokenizer.from_pretrained()", kwargs, hf_compat.TOKENIZER_INERT,
+                                   hf_compat.TOKENIZER_REFUSED)
+        if "additional_special_tokens" in kwargs:
+            kwargs.setdefault("extra_special_tokens", kwargs.pop("additional_special_tokens"))
+        unknown = sorted(set(kwargs) - _CONFIG_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"KoGPTTokenizer.from_pretrained() got unsupported arguments: {', '.join(unknown)}")
+        file = _resolve(path, revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+        if file.suffix == ".json" and any(kwargs.get(k) is not None for k in ("add_bos_token", "add_eos_token")):
+            raise NotImplementedError(
+                "add_bos_token / add_eos_token: for a tokenizer.json its post-processor decides which tokens are "
+                "added (HF rewrites it; kogpt-fast does not)"
+            )
         config = _read_config(file.parent)
+        config.update({k: v for k, v in kwargs.items() if v is not None})  # None: not given, as in HF
         try:
             if file.suffix == ".json":
                 backend = tokenizers.Tokenizer.from_file(str(file))
@@ -151,9 +186,21 @@ class KoGPTTokenizer:
         found = {}
         for name, spec in specs.items():
             if (token_id := self._token_to_id(spec["content"])) is None:
-                raise ValueError(f"{file}: special token {name}_token={spec['content']!r} is not in the vocabulary")
+                raise ValueError(f"{file}: special token {name}_token={spec['content']!r} is not in the vocabulary"
+                                 " (a sentencepiece model cannot be extended)")
             found[name] = (spec["content"], token_id)
         return found
+
+    def _register_extras(self, extras: list[dict], file: Path) -> list[str]:
+        """HF's extra (additional) special tokens, after the named ones, as `_register` does with those."""
+        if self._tk is not None and extras:
+            self._tk.add_special_tokens([tokenizers.AddedToken(**{"normalized": False, **s}, special=True)
+                                         for s in extras])
+        for spec in extras:
+            if self._token_to_id(spec["content"]) is None:
+                raise ValueError(f"{file}: extra special token {spec['content']!r} is not in the vocabulary "
+                                 "(a sentencepiece model cannot be extended)")
+        return list(dict.fromkeys(spec["content"] for spec in extras))
 
     def _recognise(self) -> dict:
         """Special tokens found by name (sentencepiece: first its own bos/eos/unk/pad ids, -1 meaning none)."""
@@ -169,7 +216,14 @@ class KoGPTTokenizer:
     bos_token, bos_token_id = _named("bos", 0), _named("bos", 1)
     eos_token, eos_token_id = _named("eos", 0), _named("eos", 1)
     unk_token, unk_token_id = _named("unk", 0), _named("unk", 1)
+    sep_token, sep_token_id = _named("sep", 0), _named("sep", 1)
+    cls_token, cls_token_id = _named("cls", 0), _named("cls", 1)
     mask_token, mask_token_id = _named("mask", 0), _named("mask", 1)
+
+    @property
+    def extra_special_tokens(self) -> list[str]:
+        """The special tokens beyond the named ones (HF 5's name; HF 4: additional_special_tokens)."""
+        return list(self._extras)
 
     @property
     def pad_token(self) -> str | None:
@@ -197,7 +251,7 @@ class KoGPTTokenizer:
     @property
     def all_special_tokens(self) -> list[str]:
         """The special tokens in HF's order (bos, eos, unk, sep, pad, cls, mask), without repeats."""
-        return list(dict.fromkeys(self._special[n][0] for n in _NAMES if n in self._special))
+        return list(dict.fromkeys([*(self._special[n][0] for n in _NAMES if n in self._special), *self._extras]))
 
     @property
     def all_special_ids(self) -> list[int]:

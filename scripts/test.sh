@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The tests, from a fresh clone: set up .venv with the test extras (transformers as the reference, triton for its
-# interpreter, matplotlib for the benchmark's plots), run pytest.
+# interpreter, matplotlib for the benchmark's plots), run pytest, say how long it took.
 # Extra arguments go to pytest, e.g.: scripts/test.sh -k parity
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test,bench
 # NumPy's threaded BLAS under the Triton interpreter crawls when the cores are shared.
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-exec python -m pytest -q "$@"
+say "running the tests (about 4 minutes on 2 CPU cores)"
+start=$SECONDS
+status=0
+python -m pytest -q "$@" || status=$?
+say "the tests took $((SECONDS - start)) s (exit status $status)"
+exit "$status"

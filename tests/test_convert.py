@@ -91,3 +91,18 @@ def test_interrupted_conversion_leaves_nothing(bin_dir, tmp_path, monkeypatch):
 def test_cli_convert_error_is_a_message(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_cli_convert_from_the_hub_cache(tmp_path, capsys, monkeypatch):
+    """`kogpt-fast convert kakaobrain/kogpt DST --revision R`: the source found in the local HF cache."""
+    import huggingface_hub.constants
+
+    from hub_fixtures import REVISIONS, build_fake_hub_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(build_fake_hub_cache(tmp_path / "hub")))
+    assert main(["convert", "kakaobrain/kogpt", str(tmp_path / "out"), "--revision", "KoGPT6B-ryan1.5b"]) == 0
+    assert main(["convert", "kakaobrain/kogpt", str(tmp_path / "out2"), "--revision", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "fetch it with:  hf download kakaobrain/kogpt --revision nope" in err and "Traceback" not in err
+    model = KoGPTForCausalLM.from_pretrained(tmp_path / "out", device="cpu")
+    assert model.config.n_positions == REVISIONS["KoGPT6B-ryan1.5b"][1]

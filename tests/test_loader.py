@@ -160,7 +160,7 @@ def test_unsupported_config_is_refused(safetensors_dir, tmp_path):
     shutil.copy(safetensors_dir / "model.safetensors", tmp_path)
     config = json.loads((safetensors_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ConfigError, match="llama"):
+    with pytest.raises(ConfigError, match=r"config.json: model_type='llama' is not supported"):
         load(tmp_path)
 
 
@@ -174,8 +174,10 @@ def test_reader_lists_every_tensor(safetensors_dir, hf_model):
 def test_hf_style_config_overrides(safetensors_dir):
     model = load(safetensors_dir, pad_token_id=7, low_cpu_mem_usage=True)
     assert model.config.pad_token_id == 7
-    with pytest.raises(TypeError, match="revision"):
-        load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16")
+    # HF's revision with a local directory is accepted and has no effect, as in HF; a typo is still refused
+    assert load(safetensors_dir, revision="KoGPT6B-ryan1.5b-float16").config == load(safetensors_dir).config
+    with pytest.raises(TypeError, match="revison"):
+        load(safetensors_dir, revison="KoGPT6B-ryan1.5b-float16")
     with pytest.raises(ConfigError, match="pad_token_id=1000"):
         load(safetensors_dir, pad_token_id=1000)
 
@@ -199,3 +201,21 @@ def test_from_state_dict_shares_the_tensors(hf_model, expected_tokens):
     del state["transformer.h.1.ln_1.bias"]
     with pytest.raises(CheckpointError, match="missing tensor transformer.h.1.ln_1.bias"):
         KoGPTForCausalLM.from_state_dict(config, state)
+
+
+def test_a_device_that_is_not_here_is_a_clear_error(safetensors_dir, expected_tokens):
+    """from_pretrained(device=...), model.to(...) and model.cuda() say what is missing instead of torch's
+    AssertionError("Torch not compiled with CUDA enabled"); the model stays usable."""
+    from kogpt_fast.backends import DeviceUnavailable
+
+    missing, index = ("cuda:99", 99) if torch.cuda.is_available() else ("cuda", None)
+    reason = "only" if torch.cuda.is_available() else "built without CUDA|no CUDA device is visible"
+    with pytest.raises(DeviceUnavailable, match=reason):
+        KoGPTForCausalLM.from_pretrained(safetensors_dir, device=missing)
+    model = load(safetensors_dir)
+    for move in (lambda: model.to(missing), lambda: model.to(device=missing, non_blocking=True),
+                 lambda: model.cuda(index)):
+        with pytest.raises(DeviceUnavailable, match=reason):
+            move()
+    assert model.device.type == "cpu"
+    check_generates_like_hf(model, expected_tokens)

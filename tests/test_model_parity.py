@@ -54,7 +54,8 @@ def test_greedy_prompt_near_n_positions(pair, n_new):
     got = ours.generate(ids, max_new_tokens=n_new)
     assert torch.equal(got, expected), (expected[:, prompt_len:], got[:, prompt_len:])
     assert got.shape[1] == hf.config.n_positions + 1
-    with pytest.raises(ValueError, match=f"needs {hf.config.n_positions + 1} positions"):
+    with pytest.raises(ValueError, match=rf"n_positions={hf.config.n_positions}\): at most {n_new} new tokens? fits? "
+                                         rf"after this prompt \(max_new_tokens={n_new}, or max_length={prompt_len + n_new}\)"):
         ours.generate(ids, max_new_tokens=n_new + 1)
 
 
