@@ -9,6 +9,8 @@ greedy decoding on this backend equals HF token for token in fp32:
 - Attention: q and k upcast to fp32, scores = q k^T / sqrt(head_dim), softmax in fp32, probabilities cast to
   the value dtype before P @ V.
 - GELU: gelu_new, 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x**3))), written as HF writes it.
+- Quantized weights (kogpt_fast.quant.QuantizedWeight, int8 / fp8 with per-row scales), taken by every linear op:
+  dequantized to the activation dtype, (data.float() * scale.float()).to(x.dtype), then the dense op.
 
 Shapes: N packed tokens (all sequences of a step, one after another), B sequences, H heads, D head_dim.
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import StepMetadata
+from .quant import dense
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,8 +30,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, K] @ weight [M, K]^T + bias [M] -> [N, M] (weights in torch's Linear layout)."""
-    return F.linear(x, weight, bias)
+    """x [N, K] @ weight [M, K]^T + bias [M] -> [N, M] (weights in torch's Linear layout, dense or quantized)."""
+    return F.linear(x, dense(weight, x.dtype), bias)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
