@@ -69,7 +69,12 @@ EXPORTED_SYMBOLS = tuple(_SIGNATURES)
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    path = library_path()
+    return load_library(library_path())
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """The library at `path` with its C ABI declared, after checking its ABI version (_library() loads the one
+    kogpt_fast uses; the tests also load the one in a freshly built wheel)."""
     if not path.is_file():
         raise FileNotFoundError(
             f"the CUDA library is not built: {path} is missing (install kogpt-fast with nvcc on PATH, "

@@ -224,28 +224,6 @@ def test_cuda_ops_route_quantized_weights(scheme):
         assert_within_reference_error(got, oracle, reference.linear_concat_residual(x, x2, qw, bias, residual), dtype)
 
 
-@pytest.mark.skipif(not cuda_lib.library_path().is_file(), reason="the CUDA library is not built")
-def test_library_refuses_bad_quantized_gemv_arguments_on_the_host():
-    """kogpt_gemv_quantized checks its arguments before any CUDA call: no GPU needed."""
-    lib = cuda_lib._library()
-    p = 4096  # an aligned address, never dereferenced: each call is refused first
-
-    def call(dtype=1, fmt=1, m=1, scale=p, ln_w=None):
-        # (dtype, weight_format, M, N, K1, K2, x1, x1_stride, x2, x2_stride, ln_weight, ln_bias, eps, weight,
-        #  weight_stride, weight_scale, bias, residual, residual_stride, out, out_stride, activation, gelu_start, s)
-        return lib.kogpt_gemv_quantized(dtype, fmt, m, 8, 64, 0, p, 64, None, 0, ln_w, ln_w, 1e-5, p, 64, scale,
-                                        None, None, 0, p, 8, 0, 0, None)
-
-    for kwargs, code, message in (
-        (dict(fmt=0), cuda_lib.ERR_INVALID_ARGUMENT, b"quantized weight format"),
-        (dict(scale=None), cuda_lib.ERR_INVALID_ARGUMENT, b"weight_scale"),
-        (dict(fmt=7), cuda_lib.ERR_INVALID_ARGUMENT, b"unknown weight format code 7"),
-        (dict(dtype=0), cuda_lib.ERR_UNSUPPORTED, b"float16 or bfloat16"),
-        (dict(m=3, ln_w=p), cuda_lib.ERR_INVALID_ARGUMENT, b"M must be in [1, 2]"),
-    ):
-        assert call(**kwargs) == code and message in lib.kogpt_last_error(), lib.kogpt_last_error()
-
-
 def test_cuda_ops_send_cpu_quantized_weights_to_the_reference():
     x = torch.randn(1, 32)
     qw = quant.quantize(torch.randn(8, 32), "int8", torch.float32)
