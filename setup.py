@@ -170,7 +170,7 @@ if NVCC is None:
 setup(
     packages=["kogpt_fast", "kogpt_fast.demo", "kogpt_fast.kernels"],
     package_dir={"kogpt_fast": "kogpt_fast", "kogpt_fast.kernels": "kernels"},
-    package_data={"kogpt_fast.demo": ["*.json", "*.safetensors", "*.model", "*.md"]},
+    package_data={"kogpt_fast.demo": ["*.json", "*.safetensors", "*.model", "*.md", "*.txt"]},
     ext_modules=[CUDALibrary()] if NVCC else [],
     cmdclass={"build_ext": BuildCUDALibrary} if NVCC else {},
 )

@@ -9,6 +9,9 @@ min_new_tokens=n does, so no run stops early). What is measured, each a median o
   decode_tokens_per_s   B * (n - 1) / (T(n) - T(1))
 Random fp16 weights of the model's shape are made on the device (never a 6B fp32 copy in host memory);
 `--model PATH` loads a real checkpoint with kogpt-fast's loader and hands the same tensors to every system.
+The systems kogpt-fast[B]+int8 / +fp8 quantize those weights (kogpt_fast.quant) into a model of their own and run
+the batch-1 decode case; their decode_ms_per_token carries vs_dense_weights (its ratio to kogpt-fast[B]'s in the
+same run; the goal is 0.6 or less) and a floor from the bytes they actually read.
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ from .compiled_baseline import GPTJ, StaticCacheGenerator
 
 HF_EAGER, HF_SDPA, COMPILED = "hf-eager", "hf-sdpa", "pytorch-compiled"
 STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off (CPU, or --no-compile)
+QUANTIZED_SCHEMES = ("int8", "fp8")  # kogpt_fast.quant.SCHEMES
 
 
-def kogpt_name(backend: str, prefill_path: str = "kernel") -> str:
+def kogpt_name(backend: str, prefill_path: str = "kernel", quantize: str | None = None) -> str:
     # No comma in a name: --systems takes a comma-separated list of them.
-    return f"kogpt-fast[{backend}]" if prefill_path == "kernel" else f"kogpt-fast[{backend}]+{prefill_path}-prefill"
+    name = f"kogpt-fast[{backend}]" if prefill_path == "kernel" else f"kogpt-fast[{backend}]+{prefill_path}-prefill"
+    return name if quantize is None else f"{name}+{quantize}"
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -90,19 +95,27 @@ class KoGPTSystem(System):
     runs, and drops the decode graphs the previous one captured with its kernels."""
 
     def __init__(self, config: GPTJConfig, weights: dict, backend: str, prefill_path: str = "kernel",
-                 shared: dict | None = None):
+                 shared: dict | None = None, quantize: str | None = None):
+        from kogpt_fast import quant
         from kogpt_fast.model import KoGPTForCausalLM
 
         shared = {} if shared is None else shared
-        if "model" not in shared:
-            shared["model"] = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
-        self.model = shared["model"]
+        if quantize is not None:  # a model of its own: the quantized copy of the shared weights (6 GB for KoGPT-6B)
+            self.model = quant.quantize_model(KoGPTForCausalLM.from_state_dict(config, weights, backend=backend),
+                                              quantize)
+        else:
+            if "model" not in shared:
+                shared["model"] = KoGPTForCausalLM.from_state_dict(config, weights, backend=backend)
+            self.model = shared["model"]
         self.backend, self.prefill_path = backend, prefill_path
         self._select()
-        self.name = kogpt_name(backend, prefill_path)
-        self.info = {"backend": backend, "prefill_path": prefill_path}
+        self.name = kogpt_name(backend, prefill_path, quantize)
+        self.info = {"backend": backend, "prefill_path": prefill_path, "quantize": quantize}
         if prefill_path != "kernel":
             self.kinds = frozenset({"ttft"})  # it differs from the kernel system in the prefill only
+        if quantize is not None:
+            self.kinds = frozenset({"decode"})  # what quantization is for: the batch-1 weight stream
+            self.info["weight_bytes_per_token"] = weight_bytes_per_token(dict(self.model.named_parameters()))
 
     def _select(self) -> None:
         model = self.model
@@ -177,6 +190,11 @@ def system_specs(config, weights, backends: list[str], wanted: set[str] | None, 
         b = kernel_backends[0]
         specs.append(SystemSpec(kogpt_name(b, "torch"),
                                 lambda: KoGPTSystem(config, weights, b, "torch", shared=shared)))
+    # The quantized schemes on the fastest backend (a scheme it cannot run on this device is skipped with the reason).
+    for b in (kernel_backends or [b for b in backends if b == "torch"])[:1]:
+        for scheme in QUANTIZED_SCHEMES:
+            specs.append(SystemSpec(kogpt_name(b, quantize=scheme),
+                                    lambda b=b, s=scheme: KoGPTSystem(config, weights, b, quantize=s)))
     specs += [
         SystemSpec(HF_EAGER, lambda: HFSystem(config, weights, "eager")),
         SystemSpec(HF_SDPA, lambda: HFSystem(config, weights, "sdpa")),
@@ -299,17 +317,27 @@ def weight_bytes_per_token(weights: dict[str, torch.Tensor]) -> int:
 
 def attach_floor(records: list[dict], weights: dict[str, torch.Tensor], copy_bytes_per_s: float | None) -> dict | None:
     """Each batch-1 decode_ms_per_token gets the memory-bandwidth floor measured in this run (the weights read
-    once per token at the copy rate of this run's peaks) and its fraction of it: floor / measured."""
+    once per token at the copy rate of this run's peaks; a quantized system's own bytes) and its fraction of it:
+    floor / measured. A quantized system's figure also gets vs_dense_weights: its ratio to the same backend's
+    dense figure. Returns the dense floor."""
     if not copy_bytes_per_s:
         return None
     nbytes = weight_bytes_per_token(weights)
-    floor_ms = nbytes / copy_bytes_per_s * 1e3
+    dense = {(r.get("system"), tuple(sorted(r["params"].items()))): r["value"] for r in records
+             if r.get("metric") == "decode_ms_per_token" and "value" in r}
     for r in records:
         if r.get("metric") == "decode_ms_per_token" and "value" in r and r["params"].get("batch") == 1:
+            info = r.get("system_info") or {}
+            floor_ms = info.get("weight_bytes_per_token", nbytes) / copy_bytes_per_s * 1e3
             r["floor"] = {"value": floor_ms, "unit": "ms/token"}
             r["fraction_of_floor"] = {"value": floor_ms / r["value"], "unit": "fraction"}
+            base = dense.get((kogpt_name(info.get("backend", ""), info.get("prefill_path", "kernel")),
+                              tuple(sorted(r["params"].items()))))
+            if info.get("quantize") and base:
+                r["vs_dense_weights"] = {"value": r["value"] / base, "unit": "x",
+                                         "system": kogpt_name(info["backend"], info["prefill_path"])}
     return {"weight_bytes_per_token": nbytes, "copy_bytes_per_s": copy_bytes_per_s,
-            "floor_ms_per_token": floor_ms}
+            "floor_ms_per_token": nbytes / copy_bytes_per_s * 1e3}
 
 
 def agreement(tokens: dict[str, torch.Tensor], prompt_len: int) -> list[dict]:

@@ -140,7 +140,7 @@ fi
 
 # --- the quick benchmarks ---------------------------------------------------------------------------------------
 # End to end: the kernel backends and the baselines; kogpt-fast[torch] is the reference (its speed is no target).
-SYSTEMS=${GPU_CHECK_SYSTEMS:-"kogpt-fast[cuda],kogpt-fast[triton],hf-eager,compiled,kogpt-fast[cuda]+torch-prefill,hf-sdpa"}
+SYSTEMS=${GPU_CHECK_SYSTEMS:-"kogpt-fast[cuda],kogpt-fast[triton],hf-eager,compiled,kogpt-fast[cuda]+torch-prefill,hf-sdpa,kogpt-fast[cuda]+int8,kogpt-fast[cuda]+fp8"}
 if wanted bench; then
     BENCH_LIMIT=$(($(left) - 15))  # the op sweeps keep at least 15 s
     ((BENCH_LIMIT > 150)) && BENCH_LIMIT=150

@@ -9,6 +9,11 @@ Ops are looked up by the names of kogpt_fast/reference.py on each backend's ops 
   linear_concat_residual, d -> 3d + d_ff), ln_fused_in (the same after ln_1, as the model calls it) and fused_out
   layer_norm_linear_split_gelu  ([a | gelu(fc_in)] read in place -> d, + residual).
                        Baseline: cuBLAS over the same weights, the GELU / concatenation / residual add as torch ops.
+  quantized            the same ops with int8 / fp8 QuantizedWeights (kogpt_fast.quant: one byte a weight plus a scale a
+                       row), where the model reads them: ln_fused_in, fused_out and lm_head, params weights=int8|fp8
+                       (fp8 where it runs: compute capability 8.9+, or the CPU's torch backend). Bytes: those actually
+                       read (the one-byte data and the scales). Baseline: cuBLAS over the dense weights in the
+                       activation dtype, credited its own (two-byte) traffic: the speedup is what the bytes save.
   prefill_attention    causal attention over one T-token sequence, with RoPE and the paged KV-cache write.
                        Baseline: SDPA (flash), which does the attention only.
   decode_attention     one new token per sequence over a paged cache of `context` tokens, RoPE and cache write
@@ -34,6 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kogpt_fast import quant
 from kogpt_fast.config import GPTJConfig
 from kogpt_fast.kv_cache import PagedKVCache
 
@@ -239,6 +245,70 @@ def fused_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
     return cases
 
 
+def quantized_schemes(device) -> list[str]:
+    """The schemes the device's fastest backend runs (fp8: compute capability 8.9+ on a GPU; the CPU's torch)."""
+    backend = "cuda" if torch.device(device).type == "cuda" else "torch"
+    return [s for s in quant.SCHEMES if quant.unavailable_reason(s, backend, torch.device(device)) is None]
+
+
+def quantized_cases(c: GPTJConfig, tokens: list[int], device, dtype) -> list[Case]:
+    """The model's large GEMMs with quantized weights (module docstring): ln_1 + q|k|v|gelu(fc_in), out_proj + fc_out
+    into the residual, and the lm_head."""
+    d, ff, vocab, eps = c.n_embd, c.n_inner, c.vocab_size, c.layer_norm_epsilon
+    elt = torch.tensor([], dtype=dtype).element_size()
+    library = "cublas" if torch.device(device).type == "cuda" else "F.linear"
+    shapes = {  # name: (N, K1, K2, op)
+        "ln_fused_in": (3 * d + ff, d, 0, "layer_norm_linear_split_gelu"),
+        "fused_out": (d, d, ff, "linear_concat_residual"),
+        "lm_head": (vocab, d, 0, "linear"),
+    }
+    cases = []
+    for scheme in quantized_schemes(device):
+        for name, (n, k1, k2, op) in shapes.items():
+            for m in tokens:
+                def inputs(i, name=name, n=n, k1=k1, k2=k2, m=m, scheme=scheme):
+                    r = _Random(device, dtype, f"{name}/{scheme}/{m}/{i}")
+                    w = r.randn(n, k1 + k2, scale=(k1 + k2) ** -0.5)
+                    x, x2 = r.randn(m, k1), r.randn(m, k2) if k2 else None
+                    b, residual = r.randn(n, scale=0.1), r.randn(m, n)
+                    gain, shift = r.randn(d, scale=0.1, offset=1.0), r.randn(d, scale=0.1)
+                    return x, x2, w, quant.quantize(w, scheme, dtype), b, residual, gain, shift
+
+                def op_call(ops, i, inputs=inputs, op=op, name=name):
+                    x, x2, _, qw, b, residual, gain, shift = inputs(i)
+                    if op == "layer_norm_linear_split_gelu":
+                        return lambda: ops.layer_norm_linear_split_gelu(x, gain, shift, eps, qw, b, 3 * d,
+                                                                        c.activation_function)
+                    if op == "linear_concat_residual":
+                        return lambda: ops.linear_concat_residual(x, x2, qw, b, residual)
+                    return lambda: ops.linear(x, qw, b)
+
+                def baseline_call(i, inputs=inputs, op=op):
+                    x, x2, w, _, b, residual, gain, shift = inputs(i)
+                    if op == "layer_norm_linear_split_gelu":
+                        def call():
+                            y = F.linear(F.layer_norm(x, (d,), gain, shift, eps), w, b)
+                            y[:, 3 * d:] = F.gelu(y[:, 3 * d:], approximate="tanh")
+                            return y
+                        return call
+                    if op == "linear_concat_residual":
+                        return lambda: F.linear(torch.cat([x, x2], dim=1), w, b) + residual
+                    return lambda: F.linear(x, w, b)
+
+                k = k1 + k2
+                activations = (m * k + m * n + n + (m * n if k2 else 0) + (2 * d if k2 == 0 and op != "linear" else 0))
+                nbytes = n * k + n * elt + activations * elt  # one byte a weight, a scale a row
+                dense_bytes = (n * k + activations) * elt
+                cases.append(Case(
+                    op=op, name=name, params={"M": m, "K": k, "N": n, "weights": scheme}, bytes=nbytes,
+                    flops=2 * m * n * k, set_bytes=nbytes + dense_bytes, op_call=op_call,
+                    baseline_name=f"{library}-{str(dtype).removeprefix('torch.')}", baseline_call=baseline_call,
+                    baseline_bytes=dense_bytes,
+                    notes=[f"{scheme} weights decoded in the kernel; the baseline reads the dense weights"],
+                ))
+    return cases
+
+
 def _paged_cache(c: GPTJConfig, lengths: list[int], new_tokens: int, device, dtype, r: _Random):
     """A one-layer paged cache holding `lengths[b]` random tokens per sequence, planned for `new_tokens` more."""
     cache = PagedKVCache(1, sum(-(-(n + new_tokens) // BLOCK_SIZE) for n in lengths), BLOCK_SIZE, c.n_head,
@@ -419,11 +489,13 @@ def all_cases(c: GPTJConfig, shapes: Shapes, device, dtype) -> list[Case]:
     return (
         projection_cases(c, first, device, dtype)
         + fused_cases(c, first, device, dtype)
+        + quantized_cases(c, first, device, dtype)
         + decode_cases(c, shapes.decode_context, shapes.decode_batch, device, dtype)
         + prefill_cases(c, shapes.prefill, device, dtype)
         + extend_cases(c, shapes.extend, device, dtype)
         + projection_cases(c, rest, device, dtype)
         + fused_cases(c, rest, device, dtype)
+        + quantized_cases(c, rest[-1:], device, dtype)
         + kv_write_cases(c, shapes.kv_write, device, dtype)
         + layer_norm_cases(c, shapes.layer_norm, device, dtype)
     )

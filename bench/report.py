@@ -167,6 +167,8 @@ def summary(data: dict) -> str:
         if "value" in r and r["metric"] != "request_s":
             key = f"{r['metric']} [{r['unit']}] ({_params(r['params'])})"
             floor = f" ({_pct(r['fraction_of_floor'])} of the floor)" if r.get("fraction_of_floor") else ""
+            if r.get("vs_dense_weights"):
+                floor += f" ({_fmt(r['vs_dense_weights'], 3)}x {r['vs_dense_weights']['system']})"
             by_case.setdefault(key, []).append(f"{r['system']} {_fmt(r['value'], 4)}{floor}")
     floor = (data.get("e2e_info") or {}).get("floor")
     if floor:

@@ -17,7 +17,19 @@
 // not its bits, since the sums run in another order and rstd is rsqrtf: h may differ from it by an ulp of T)
 // with one barrier-separated reduction, and every warp normalises the x vectors it loads, rounded to T as a
 // LayerNorm kernel would write them. It spares the decode step the LayerNorm launch before GPT-J's first GEMV.
+//
+// Quantized weights (kogpt_gemv_quantized: int8 or fp8 E4M3 data [N, K] with one scale per row, in the activation
+// dtype): the same kernel with W = int8_t / __nv_fp8_e4m3, 16 weights per 16-byte load instead of 8, decoded to fp32
+// exactly in registers (weight_floats), and the row's scale applied to the fp32 sum before the epilogue:
+// out = epilogue(scale[n] * sum_k w[n, k] * x[m, k]). int8 is decoded without int-to-float conversions (they run at
+// a quarter of the FMA rate on sm_80/90, about the rate an H200 streams int8 weights at): the bytes become fp16 by
+// a byte permute and one half2 subtraction per pair. E4M3 uses the cvt.f16x2.e4m3x2 instruction of sm_89+; older
+// GPUs (where kogpt_fast refuses fp8 weights: int8 is as small and more accurate) get a bit shuffle instead.
 #include <math.h>
+
+#include <cuda_fp8.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -35,6 +47,7 @@ struct GemvParams {
     const void* bias;
     const void* residual; int64_t residual_stride;
     void* out; int64_t out_stride;
+    const void* weight_scale;  // [N] in the activation dtype, for quantized weights (NULL for dense ones)
     int activation;
     int gelu_start;  // the activation applies to columns n >= gelu_start
     const void* ln_weight; const void* ln_bias; float eps;  // the LayerNorm prologue (kLN): x1 only, K2 = 0
@@ -76,15 +89,73 @@ template <typename T> __device__ void row_stats(const GemvParams& p, float* mean
     }
 }
 
+// N weights as loaded -> their values in fp32, exactly. Dense weights convert element by element; int8 four at a
+// time: each byte v + 128 (the sign bit flipped) becomes the low byte of an fp16 whose high byte is 0x64, i.e.
+// 1024 + v + 128 (fp16 holds every integer up to 2048), and one half2 subtraction of 1152 leaves v; E4M3 two at a
+// time through cvt.f16x2.e4m3x2 on sm_89+ (exact: every E4M3 value is an fp16 value), by moving its bits into an
+// fp16's before that.
+template <typename W, int N> __device__ __forceinline__ void weight_floats(const Vec<W, N>& w, float (&out)[N]) {
+    if constexpr (std::is_same_v<W, int8_t> && N % 4 == 0) {
+        const __half2 magic = __half2half2(__ushort_as_half(0x6480));  // 1152
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            uint32_t word;
+            memcpy(&word, &w.v[4 * i], 4);
+            const uint32_t biased = word ^ 0x80808080u;
+            const uint32_t lo = __byte_perm(biased, 0x64646464u, 0x4140);  // bytes 0, 1 under 0x64
+            const uint32_t hi = __byte_perm(biased, 0x64646464u, 0x4342);  // bytes 2, 3
+            __half2 h_lo, h_hi;
+            memcpy(&h_lo, &lo, 4);
+            memcpy(&h_hi, &hi, 4);
+            const float2 f_lo = __half22float2(__hsub2(h_lo, magic));
+            const float2 f_hi = __half22float2(__hsub2(h_hi, magic));
+            out[4 * i] = f_lo.x;
+            out[4 * i + 1] = f_lo.y;
+            out[4 * i + 2] = f_hi.x;
+            out[4 * i + 3] = f_hi.y;
+        }
+    } else if constexpr (std::is_same_v<W, int8_t>) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = static_cast<float>(w.v[i]);
+    } else if constexpr (std::is_same_v<W, __nv_fp8_e4m3>) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        if constexpr (N % 2 == 0) {
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) {
+                __nv_fp8x2_storage_t pair;
+                memcpy(&pair, &w.v[2 * i], 2);
+                const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+                out[2 * i] = f.x;
+                out[2 * i + 1] = f.y;
+            }
+            return;
+        }
+#endif
+        // Without the instruction (sm_75/80; kogpt_fast refuses fp8 weights there, this keeps the kernel correct
+        // and small): the byte s eeee mmm moved into an fp16 as s 0eeee mmm0000000 is the value / 2**8, subnormals
+        // included (the exponent read with fp16's bias 15 instead of 7).
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const unsigned b = reinterpret_cast<const unsigned char&>(w.v[i]);
+            out[i] = __half2float(__ushort_as_half((unsigned short)(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7)))) * 256.f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = to_float<W>(w.v[i]);
+    }
+}
+
 __device__ __forceinline__ float gelu_tanh(float x) {
     // HF's gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// kM: rows of x handled per launch (M <= kM); kVec: elements per weight load (16 bytes, or 1 for the
-// scalar fallback when K or the pointers are not aligned to 16 bytes); kLN: the LayerNorm prologue (kM <= 2).
-template <typename T, int kM, int kVec, bool kLN = false>
+// T: the activation dtype; W: the weight's (T, or int8_t / __nv_fp8_e4m3 with p.weight_scale); kM: rows of x handled
+// per launch (M <= kM); kVec: weights per load (16 bytes, or 1 for the scalar fallback when K or the pointers are
+// not aligned to 16 bytes); kLN: the LayerNorm prologue (kM <= 2).
+template <typename T, typename W, int kM, int kVec, bool kLN = false>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
+    constexpr bool kQuantized = !std::is_same_v<T, W>;
     static_assert(!kLN || kM <= kLNMaxRows, "the LayerNorm prologue handles at most kLNMaxRows rows");
     constexpr int kRows = kM >= 8 ? 4 : 2;     // weight rows per warp: more rows amortise the x loads at large M
     constexpr int kUnroll = kM >= 8 ? 2 : 4;   // loads per row in flight; fewer at large M to bound registers
@@ -93,7 +164,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
     float mean[kLNMaxRows] = {}, rstd[kLNMaxRows] = {};
     if constexpr (kLN) row_stats<T>(p, mean, rstd);  // every warp takes part (barriers), before any returns
     if (row0 >= p.N) return;
-    const T* weight = static_cast<const T*>(p.weight);
+    const W* weight = static_cast<const W*>(p.weight);
     const T* x1 = static_cast<const T*>(p.x1);
     const T* x2 = static_cast<const T*>(p.x2);
     const T* ln_weight = static_cast<const T*>(p.ln_weight);
@@ -101,17 +172,17 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
 
     float acc[kM][kRows] = {};
     for (int k0 = lane * kVec; k0 < p.K; k0 += 32 * kVec * kUnroll) {
-        Vec<T, kVec> w[kUnroll][kRows];
+        Vec<W, kVec> w[kUnroll][kRows];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int k = k0 + u * 32 * kVec;
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 if (k < p.K && row0 + r < p.N) {
-                    w[u][r] = *reinterpret_cast<const Vec<T, kVec>*>(weight + (int64_t)(row0 + r) * p.weight_stride + k);
+                    const W* row = weight + (int64_t)(row0 + r) * p.weight_stride;
+                    w[u][r] = *reinterpret_cast<const Vec<W, kVec>*>(row + k);
                 } else {
-#pragma unroll
-                    for (int i = 0; i < kVec; ++i) w[u][r].v[i] = from_float<T>(0.f);
+                    w[u][r] = Vec<W, kVec>{};  // zeros
                 }
             }
         }
@@ -128,6 +199,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
                 load_floats<T, kVec>(ln_weight + k, gain);
                 load_floats<T, kVec>(ln_bias + k, shift);
             }
+            float wf[kRows][kVec];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) weight_floats<W, kVec>(w[u][r], wf[r]);
 #pragma unroll
             for (int m = 0; m < kM; ++m) {
                 if (m >= p.M) break;
@@ -140,13 +214,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-                    for (int i = 0; i < kVec; ++i) acc[m][r] += to_float<T>(w[u][r].v[i]) * xv[i];
+                    for (int i = 0; i < kVec; ++i) acc[m][r] += wf[r][i] * xv[i];
                 }
             }
         }
     }
 
     const T* bias = static_cast<const T*>(p.bias);
+    const T* scale = static_cast<const T*>(p.weight_scale);
     const T* residual = static_cast<const T*>(p.residual);
     T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -157,6 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
             const int n = row0 + r;
             if (lane == (m * kRows + r) % 32 && m < p.M && n < p.N) {  // spread the stores over the lanes
                 float y = sum;
+                if constexpr (kQuantized) y *= to_float<T>(scale[n]);
                 if (bias) y += to_float<T>(bias[n]);
                 if (p.activation == KOGPT_ACT_GELU_TANH && n >= p.gelu_start) y = gelu_tanh(y);
                 if (residual) y += to_float<T>(residual[(int64_t)m * p.residual_stride + n]);
@@ -166,15 +242,33 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvParams p) {
     }
 }
 
-template <typename T, int kM, int kVec, bool kLN = false> int launch(const GemvParams& p, cudaStream_t stream) {
+template <typename T, typename W, int kM, int kVec, bool kLN = false>
+int launch(const GemvParams& p, cudaStream_t stream) {
     constexpr int kRows = kM >= 8 ? 4 : 2;
     const int rows_per_cta = kWarps * kRows;
-    gemv_kernel<T, kM, kVec, kLN><<<(p.N + rows_per_cta - 1) / rows_per_cta, kWarps * 32, 0, stream>>>(p);
+    gemv_kernel<T, W, kM, kVec, kLN><<<(p.N + rows_per_cta - 1) / rows_per_cta, kWarps * 32, 0, stream>>>(p);
     return check_launch("kogpt_gemv");
 }
 
+// The kernel variant for M, the LayerNorm prologue and the alignment (vector_ok: 16-byte loads possible).
+template <typename T, typename W>
+int launch_variant(const GemvParams& p, bool ln, bool vector_ok, cudaStream_t stream) {
+    constexpr int kVec = 16 / sizeof(W);
+    if (ln) {
+        if (!vector_ok) return launch<T, W, kLNMaxRows, 1, true>(p, stream);
+        return p.M == 1 ? launch<T, W, 1, kVec, true>(p, stream) : launch<T, W, 2, kVec, true>(p, stream);
+    }
+    if (!vector_ok) return launch<T, W, 16, 1>(p, stream);
+    if (p.M == 1) return launch<T, W, 1, kVec>(p, stream);
+    if (p.M == 2) return launch<T, W, 2, kVec>(p, stream);
+    if (p.M <= 4) return launch<T, W, 4, kVec>(p, stream);
+    if (p.M <= 8) return launch<T, W, 8, kVec>(p, stream);
+    return launch<T, W, 16, kVec>(p, stream);
+}
+
 // Checks p (a KOGPT_ERR_* code naming the problem) and launches the kernel variant its sizes and alignment allow.
-int run_gemv(int dtype, const GemvParams& p, cudaStream_t stream) {
+// weight_format: KOGPT_WEIGHT_DENSE (the weight in the activation dtype) or a quantized one (p.weight_scale set).
+int run_gemv(int dtype, int weight_format, const GemvParams& p, cudaStream_t stream) {
     const char* op = "kogpt_gemv";
     const int K2 = p.K - p.K1;
     const bool ln = p.ln_weight != nullptr || p.ln_bias != nullptr;
@@ -198,27 +292,36 @@ int run_gemv(int dtype, const GemvParams& p, cudaStream_t stream) {
     if (p.gelu_start < 0 || p.gelu_start > p.N) {
         return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: gelu_start=%d must be in [0, N=%d]", op, p.gelu_start, p.N);
     }
+    const bool quantized = weight_format != KOGPT_WEIGHT_DENSE;
+    if (quantized && weight_format != KOGPT_WEIGHT_INT8 && weight_format != KOGPT_WEIGHT_FP8_E4M3) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: unknown weight format code %d", op, weight_format);
+    }
+    if (quantized != (p.weight_scale != nullptr)) {
+        return fail(KOGPT_ERR_INVALID_ARGUMENT, "%s: weight_scale must be given for quantized weights only", op);
+    }
+    if (quantized && dtype == KOGPT_DTYPE_FLOAT32) {
+        return fail(KOGPT_ERR_UNSUPPORTED, "%s: quantized weights take float16 or bfloat16 activations", op);
+    }
     const size_t elem = dtype_size(dtype);
-    const int vec = 16 / (int)elem;
-    auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // 16-byte vectors of x's rows
+    const size_t weight_elem = quantized ? 1 : elem;
+    const int vec = 16 / (int)weight_elem;  // x elements per weight vector
+    auto rows_ok = [&](const void* x, int64_t stride, int cols) {  // vectors of `vec` elements of x's rows
         return cols == 0 || (cols % vec == 0 && aligned(x, 16) && (p.M == 1 || (stride * elem) % 16 == 0));
     };
     const bool vector_ok = rows_ok(p.x1, p.x1_stride, p.K1) && rows_ok(p.x2, p.x2_stride, K2) &&
-                           aligned(p.weight, 16) && (p.weight_stride * elem) % 16 == 0 &&
+                           aligned(p.weight, 16) && (p.weight_stride * weight_elem) % 16 == 0 &&
                            (!ln || (aligned(p.ln_weight, 16) && aligned(p.ln_bias, 16)));
     return dispatch_dtype(dtype, op, [&](auto zero) {
         using T = decltype(zero);
-        constexpr int kVec = 16 / sizeof(T);
-        if (ln) {
-            if (!vector_ok) return launch<T, kLNMaxRows, 1, true>(p, stream);
-            return p.M == 1 ? launch<T, 1, kVec, true>(p, stream) : launch<T, 2, kVec, true>(p, stream);
+        if constexpr (std::is_same_v<T, float>) {
+            return launch_variant<T, T>(p, ln, vector_ok, stream);  // dense only (checked above)
+        } else {
+            switch (weight_format) {
+                case KOGPT_WEIGHT_INT8: return launch_variant<T, int8_t>(p, ln, vector_ok, stream);
+                case KOGPT_WEIGHT_FP8_E4M3: return launch_variant<T, __nv_fp8_e4m3>(p, ln, vector_ok, stream);
+                default: return launch_variant<T, T>(p, ln, vector_ok, stream);
+            }
         }
-        if (!vector_ok) return launch<T, 16, 1>(p, stream);
-        if (p.M == 1) return launch<T, 1, kVec>(p, stream);
-        if (p.M == 2) return launch<T, 2, kVec>(p, stream);
-        if (p.M <= 4) return launch<T, 4, kVec>(p, stream);
-        if (p.M <= 8) return launch<T, 8, kVec>(p, stream);
-        return launch<T, 16, kVec>(p, stream);
     });
 }
 
@@ -238,8 +341,9 @@ extern "C" int kogpt_gemv_concat(int dtype, int M, int N, int K1, int K2,
                            K2);
     }
     const kogpt::GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
-                              residual_stride, out, out_stride, activation, gelu_start, nullptr, nullptr, 0.f};
-    return kogpt::run_gemv(dtype, p, stream);
+                              residual_stride, out, out_stride, nullptr, activation, gelu_start, nullptr, nullptr,
+                              0.f};
+    return kogpt::run_gemv(dtype, KOGPT_WEIGHT_DENSE, p, stream);
 }
 
 extern "C" int kogpt_gemv_ln_split_gelu(int dtype, int M, int N, int K,
@@ -254,8 +358,33 @@ extern "C" int kogpt_gemv_ln_split_gelu(int dtype, int M, int N, int K,
         return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT, "kogpt_gemv: ln_weight and ln_bias must not be NULL");
     }
     const kogpt::GemvParams p{M, N, K, K, x, x_stride, nullptr, 0, weight, weight_stride, bias, residual,
-                              residual_stride, out, out_stride, activation, gelu_start, ln_weight, ln_bias, eps};
-    return kogpt::run_gemv(dtype, p, stream);
+                              residual_stride, out, out_stride, nullptr, activation, gelu_start, ln_weight, ln_bias,
+                              eps};
+    return kogpt::run_gemv(dtype, KOGPT_WEIGHT_DENSE, p, stream);
+}
+
+extern "C" int kogpt_gemv_quantized(int dtype, int weight_format, int M, int N, int K1, int K2,
+                                    const void* x1, int64_t x1_stride,
+                                    const void* x2, int64_t x2_stride,
+                                    const void* ln_weight, const void* ln_bias, float eps,
+                                    const void* weight, int64_t weight_stride, const void* weight_scale,
+                                    const void* bias,
+                                    const void* residual, int64_t residual_stride,
+                                    void* out, int64_t out_stride,
+                                    int activation, int gelu_start, cudaStream_t stream) {
+    if (K1 < 0 || K2 < 0 || K1 > INT32_MAX - K2) {
+        return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT, "kogpt_gemv: M=%d N=%d K1=%d K2=%d (K1 + K2 >= 1)", M, N, K1,
+                           K2);
+    }
+    if (weight_format == KOGPT_WEIGHT_DENSE || !weight_scale) {
+        return kogpt::fail(KOGPT_ERR_INVALID_ARGUMENT,
+                           "kogpt_gemv_quantized: a quantized weight format and its weight_scale are needed "
+                           "(format %d)", weight_format);
+    }
+    const kogpt::GemvParams p{M, N, K1 + K2, K1, x1, x1_stride, x2, x2_stride, weight, weight_stride, bias, residual,
+                              residual_stride, out, out_stride, weight_scale, activation, gelu_start, ln_weight,
+                              ln_bias, eps};
+    return kogpt::run_gemv(dtype, weight_format, p, stream);
 }
 
 extern "C" int kogpt_gemv_split_gelu(int dtype, int M, int N, int K,

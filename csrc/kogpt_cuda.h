@@ -22,8 +22,9 @@ extern "C" {
 
 /* 2: kogpt_gemv_split_gelu (the GEMV with the activation from a column on) added; kogpt_gemv unchanged.
  * 3: kogpt_gemv_concat (x in two pieces) added; the others unchanged.
- * 4: kogpt_gemv_ln_split_gelu (the GEMV with a LayerNorm prologue) added; the others unchanged. */
-#define KOGPT_ABI_VERSION 4
+ * 4: kogpt_gemv_ln_split_gelu (the GEMV with a LayerNorm prologue) added; the others unchanged.
+ * 5: kogpt_gemv_quantized (int8 / fp8 weights with per-row scales) added; the others unchanged. */
+#define KOGPT_ABI_VERSION 5
 
 enum kogpt_status {
     KOGPT_OK = 0,
@@ -34,6 +35,9 @@ enum kogpt_status {
 };
 
 enum kogpt_dtype { KOGPT_DTYPE_FLOAT32 = 0, KOGPT_DTYPE_FLOAT16 = 1, KOGPT_DTYPE_BFLOAT16 = 2 };
+
+/* How a GEMV's weight is stored: in the activation dtype, or quantized with one scale per row (kogpt_fast.quant). */
+enum kogpt_weight_format { KOGPT_WEIGHT_DENSE = 0, KOGPT_WEIGHT_INT8 = 1, KOGPT_WEIGHT_FP8_E4M3 = 2 };
 
 enum kogpt_activation { KOGPT_ACT_NONE = 0, KOGPT_ACT_GELU_TANH = 1 /* gelu_new == gelu(approximate="tanh") */ };
 
@@ -133,6 +137,21 @@ int kogpt_gemv_ln_split_gelu(int dtype, int M, int N, int K,
                              const void* residual, int64_t residual_stride,
                              void* out, int64_t out_stride,
                              int activation, int gelu_start, cudaStream_t stream);
+/* Quantized weights: out[m, n] = act(weight_scale[n] * sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n], with w
+ * int8 (KOGPT_WEIGHT_INT8) or fp8 E4M3 (KOGPT_WEIGHT_FP8_E4M3) [N, K] at row stride weight_stride (in elements: bytes)
+ * and weight_scale [N] in the activation dtype. dtype: float16 or bfloat16 (float32: KOGPT_ERR_UNSUPPORTED). The
+ * weights are decoded exactly and the scale multiplies the fp32 sum. x = [x1 | x2] as in kogpt_gemv_concat, or, with
+ * ln_weight and ln_bias (then K2 = 0, x2 NULL and M <= 2), layer_norm(x1) as in kogpt_gemv_ln_split_gelu. 16-byte
+ * loads need K1 and K2 multiples of 16 and aligned rows; other inputs take a slower scalar path. */
+int kogpt_gemv_quantized(int dtype, int weight_format, int M, int N, int K1, int K2,
+                         const void* x1, int64_t x1_stride,
+                         const void* x2, int64_t x2_stride,
+                         const void* ln_weight, const void* ln_bias, float eps,
+                         const void* weight, int64_t weight_stride, const void* weight_scale,
+                         const void* bias,
+                         const void* residual, int64_t residual_stride,
+                         void* out, int64_t out_stride,
+                         int activation, int gelu_start, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

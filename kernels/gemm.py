@@ -4,7 +4,8 @@
                       any row stride (a column slice of a wider buffer)
     x2       [M, K2]  optional: x [M, K1] and x2 [M, K2] together are the GEMM's input [x | x2] (K = K1 + K2), each
                       read in place, so that GPT-J's [attention | gelu(fc_in)] needs no concatenation
-    weight   [N, K]   torch Linear layout (out_features, in_features), contiguous
+    weight   [N, K]   torch Linear layout (out_features, in_features), contiguous; or a kogpt_fast.quant
+                      QuantizedWeight: int8 / fp8 (E4M3) data [N, K], contiguous, and scale [N] in x's dtype
     bias     [N]      optional
     residual [M, N]   optional, added after the activation (GPT-J: out_proj / fc_out into the residual stream)
     -> out   [M, N]   in x's dtype, rounded once from the fp32 accumulator
@@ -13,7 +14,12 @@ The activation applies to output columns >= gelu_start only (a runtime argument,
 GPT-J's fused input projection uses it: weight = [Wq; Wk; Wv; W_in] gives q | k | v | gelu(fc_in) in one GEMM with
 gelu_start = 3 * n_embd. Its fused output projection is the residual epilogue over K = n_embd + n_inner.
 
-Constexprs: HAS_X2 / HAS_BIAS / HAS_RESIDUAL (which inputs exist), GELU (tanh-approximated GELU, gelu_new, on the
+Quantized weights (W_FORMAT 1: int8, 2: fp8 E4M3) are read as bytes and decoded in registers to fp16 holding their
+exact values (_decode_weight), the products and sums run as for dense weights, and the row's scale multiplies the
+fp32 accumulator before the epilogue: out = epilogue(scale[n] * sum_k q[n, k] * x[m, k]), one rounding at the store.
+
+Constexprs: W_FORMAT (0: a dense weight in x's dtype; 1, 2: quantized, as above), HAS_X2 / HAS_BIAS / HAS_RESIDUAL
+(which inputs exist), GELU (tanh-approximated GELU, gelu_new, on the
 columns from gelu_start on; GELU=False means no column),
 DOT_PRECISION ("ieee" for fp32 inputs: exact fp32 products for the tests; TF32 would round them),
 BLOCK_M / BLOCK_N / BLOCK_K / GROUP_M (tiling; GROUP_M groups row tiles so neighbouring programs share weights in L2).
@@ -37,6 +43,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from kogpt_fast.quant import QuantizedWeight
 
 from .checks import check_interpretable, check_same_dtype, check_tensor, dot_precision
 
@@ -71,7 +79,7 @@ def use_gemv(m: int, device: torch.device) -> bool:
     return device.type == "cuda" and m <= GEMV_MAX_M
 
 
-def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
+def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype, weight_bytes: int | None = None) -> GemvConfig:
     """DESIGN.md's measured GEMV (H100, M=1): one program per 4-8 rows, BK=1024, 4 warps, 2.17 / 1.58 / 2.34 /
     2.27 / 2.90 TB/s at qkv / out / fc_in / fc_out / lm_head, each a little ahead of cuBLAS. 4 warps: per K step a
     program reads BLOCK_N x 1024 x 2 bytes = 8-16 KB of weight, 4-8 16-byte loads per thread issued together, in
@@ -79,9 +87,11 @@ def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     BLOCK_N = 8 by default; 4 for N < 8192 at M <= 2 (out_proj / fc_out, N = 4096: 1024 programs instead of 512
     on 132 SMs, twice the resident warps to hide each step's cross-warp reduction; these 4096-row shapes are where
     DESIGN.md measured the lost bandwidth). At larger M each program re-reads the x rows (M/BLOCK_N of the weight
-    traffic, from L1/L2), so M > 2 keeps 8. fp32: BLOCK_K 512, the same bytes per step.
+    traffic, from L1/L2), so M > 2 keeps 8. fp32: BLOCK_K 512, the same bytes per step; one-byte (quantized)
+    weights: BLOCK_K 2048, the same bytes per step again (weight_bytes: the weight's element size, default x's).
     The same config under the interpreter, so that the CPU tests run the tiles the GPU runs."""
-    block_k = 512 if dtype == torch.float32 else 1024
+    weight_bytes = weight_bytes or torch.empty(0, dtype=dtype).element_size()
+    block_k = {4: 512, 2: 1024, 1: 2048}[weight_bytes]
     block_n = 4 if n < 8192 and m <= 2 else 8
     return GemvConfig(block_n, block_k, num_warps=4)
 
@@ -93,6 +103,10 @@ def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
 # pick_gemv_config's choice; no tuning while a CUDA graph is being captured (the decode step warms up first).
 GEMV_CANDIDATES = (
     GemvConfig(4, 1024, 4), GemvConfig(8, 1024, 4), GemvConfig(8, 512, 4), GemvConfig(16, 1024, 8),
+)
+# For one-byte (int8 / fp8) weights: the same bytes per K step at twice the elements, and the dense tiles.
+GEMV_CANDIDATES_QUANTIZED = (
+    GemvConfig(4, 2048, 4), GemvConfig(8, 2048, 4), GemvConfig(8, 1024, 4), GemvConfig(16, 2048, 8),
 )
 TUNE_MIN_WEIGHTS = 1 << 22
 _tuned: dict[tuple, GemvConfig] = {}
@@ -156,9 +170,43 @@ def gelu_tanh(y):
     return 0.5 * y * (1.0 + tanh)
 
 
+W_DENSE, W_INT8, W_FP8 = 0, 1, 2  # the W_FORMAT constexpr
+# E4M3 bytes decode to value / 2**8 in fp16 (_decode_weight): the factor goes into the scale, once a row.
+FP8_DECODE_FACTOR = 256.0
+
+
+@triton.jit
+def _decode_weight(w, W_FORMAT: tl.constexpr):
+    """A weight tile as loaded -> its values: dense weights as they are; int8 and E4M3 bytes as fp16 by integer
+    operations only (exact, no int-to-float conversion instruction, which runs at a quarter of the FMA rate):
+    - int8 v: the fp16 with bits 0x6400 + (v + 128) is 1024 + v + 128 (fp16 holds every integer up to 2048), so
+      subtracting 1152 leaves v;
+    - E4M3 byte s eeee mmm: the fp16 with bits s 0eeee mmm0000000 has E4M3's mantissa, and its exponent field
+      e is read with fp16's bias 15 instead of E4M3's 7 (subnormals included): it is the value / 2**8
+      (FP8_DECODE_FACTOR, applied with the scale)."""
+    if W_FORMAT == 1:
+        return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    elif W_FORMAT == 2:
+        b = w.to(tl.uint16)
+        return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    else:
+        return w
+
+
+@triton.jit
+def _scale_rows(acc, scale_ptr, rn, in_n, W_FORMAT: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] times each column's (weight row's) scale, for quantized weights."""
+    if W_FORMAT != 0:
+        scale = tl.load(scale_ptr + rn, mask=in_n, other=0.0).to(tl.float32)
+        if W_FORMAT == 2:
+            scale = scale * 256.0  # FP8_DECODE_FACTOR
+        acc = acc * scale[None, :]
+    return acc
+
+
 @triton.jit
 def _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, k_len, w_col0,
-                  DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_FORMAT: tl.constexpr):
     """acc += x[rm, :k_len] @ weight[rn, w_col0:w_col0 + k_len]^T (x's rows stride_x apart, weight's K apart)."""
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :]  # [BLOCK_M, BLOCK_K]
@@ -167,6 +215,7 @@ def _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, k_len, w_col0,
         in_k = rk + k0 < k_len
         a = tl.load(x_ptrs, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=in_k[:, None] & (rn[None, :] < N), other=0.0)
+        b = _decode_weight(b, W_FORMAT).to(a.dtype)  # exact: quantized values are exact in fp16, bf16, fp32
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -175,10 +224,10 @@ def _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, k_len, w_col0,
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr,
+    x_ptr, x2_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr,
     M, N, K, K1, stride_x, stride_x2, gelu_start,
-    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    W_FORMAT: tl.constexpr, HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Program id -> (row tile, column tile), GROUP_M row tiles at a time.
@@ -195,9 +244,11 @@ def _gemm_kernel(
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # x's columns 0..K1-1, then (HAS_X2) x2's as the weight's columns K1..K-1: [x | x2] is never materialised.
-    acc = _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, K1, 0, DOT_PRECISION, BLOCK_K)
+    acc = _gemm_k_range(acc, x_ptr, stride_x, w_ptr, rm, rn, M, N, K, K1, 0, DOT_PRECISION, BLOCK_K, W_FORMAT)
     if HAS_X2:
-        acc = _gemm_k_range(acc, x2_ptr, stride_x2, w_ptr, rm, rn, M, N, K, K - K1, K1, DOT_PRECISION, BLOCK_K)
+        acc = _gemm_k_range(acc, x2_ptr, stride_x2, w_ptr, rm, rn, M, N, K, K - K1, K1, DOT_PRECISION, BLOCK_K,
+                            W_FORMAT)
+    acc = _scale_rows(acc, scale_ptr, rn, rn < N, W_FORMAT)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -238,7 +289,7 @@ def _row_stats(x_ptr, stride_x, rm, M, K, eps, ROWS: tl.constexpr, BLOCK_M: tl.c
 @triton.jit
 def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, k_len, w_col0,
                   ln_w_ptr, ln_b_ptr, means, rstds,
-                  HAS_LN: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+                  HAS_LN: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_FORMAT: tl.constexpr):
     """acc[m, :] += x[m, :k_len] . weight[rn, w_col0:w_col0 + k_len] for m < M <= ROWS (x's rows stride_x apart).
     With HAS_LN, x's rows are LayerNorm'd first: (x - mean) * rstd * ln_w + ln_b, rounded to x's dtype, as
     _layer_norm_kernel writes them."""
@@ -248,7 +299,7 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, k_len, w_col0
         in_k = rk + k0 < k_len
         # Streamed once: evict first, so that x (re-read by every program) stays cached.
         w = tl.load(w_ptrs, mask=in_n[:, None] & in_k[None, :], other=0.0, eviction_policy="evict_first")
-        w = w.to(tl.float32)
+        w = _decode_weight(w, W_FORMAT).to(tl.float32)
         if HAS_LN:
             gain = tl.load(ln_w_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
             shift = tl.load(ln_b_ptr + k0 + rk, mask=in_k, other=0.0).to(tl.float32)
@@ -267,9 +318,9 @@ def _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, k_len, w_col0
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, x2_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, ln_w_ptr, ln_b_ptr,
+    x_ptr, x2_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr, ln_w_ptr, ln_b_ptr,
     M, N, K, K1, stride_x, stride_x2, gelu_start, eps,
-    HAS_X2: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    W_FORMAT: tl.constexpr, HAS_X2: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -292,10 +343,11 @@ def _gemv_kernel(
         means = tl.zeros([BLOCK_M], tl.float32)
         rstds = means
     acc = _gemv_k_range(acc, x_ptr, stride_x, w_ptr, rn, in_n, rm, M, K, K1, 0, ln_w_ptr, ln_b_ptr, means, rstds,
-                        HAS_LN, ROWS, BLOCK_K)
+                        HAS_LN, ROWS, BLOCK_K, W_FORMAT)
     if HAS_X2:
         acc = _gemv_k_range(acc, x2_ptr, stride_x2, w_ptr, rn, in_n, rm, M, K, K - K1, K1, ln_w_ptr, ln_b_ptr, means,
-                            rstds, False, ROWS, BLOCK_K)
+                            rstds, False, ROWS, BLOCK_K, W_FORMAT)
+    acc = _scale_rows(acc, scale_ptr, rn, in_n, W_FORMAT)
 
     # The tiled kernel's epilogue, on the [BLOCK_M, BLOCK_N] tile.
     if HAS_BIAS:
@@ -310,6 +362,20 @@ def _gemv_kernel(
 
 
 ACTIVATIONS = (None, "gelu_tanh")
+WEIGHT_FORMAT_NAMES = {W_DENSE: "dense", W_INT8: "int8", W_FP8: "fp8"}
+
+
+def _weight_operands(weight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(the tensor the kernel reads as weight, the scales or None, W_FORMAT): a dense weight as it is; a
+    QuantizedWeight's data (E4M3 as its bytes, which the kernels decode themselves) and scales."""
+    if not isinstance(weight, QuantizedWeight):
+        check_tensor("weight", weight, dim=2, device=device)
+        return weight, None, W_DENSE
+    check_tensor("weight data", weight.data, dim=2, dtypes=(torch.int8, torch.float8_e4m3fn), device=device)
+    check_tensor("weight scale", weight.scale, shape=(weight.shape[0],), device=device)
+    if weight.scheme == "fp8":
+        return weight.data.view(torch.uint8), weight.scale, W_FP8
+    return weight.data, weight.scale, W_INT8
 
 
 def check_column_start(name: str, start, n: int) -> int:
@@ -359,9 +425,10 @@ def gemm(
     config: None picks the kernel (use_gemv) and its tiles by shape; "gemv" / "gemm" force the GEMV (M <= 16 only)
     / the tiled kernel with tiles picked by shape; a GemvConfig / GemmConfig forces that kernel with those tiles.
     The activation applies to the output columns gelu_start..N-1 only (0 <= gelu_start <= N; N: none).
+    weight: a dense tensor, or a QuantizedWeight (int8 / fp8 data [N, K] contiguous, scale [N] in x's dtype).
     """
     check_tensor("x", x, contiguous=False)
-    check_tensor("weight", weight, dim=2, device=x.device)
+    weight, scale, w_format = _weight_operands(weight, x.device)
     n, k = weight.shape
     if x.dim() == 0:
         raise ValueError(f"x must have at least 1 dim, got a 0-dim tensor (weight {tuple(weight.shape)})")
@@ -389,7 +456,7 @@ def gemm(
     out_shape = (*x.shape[:-1], n)
     if residual is not None:
         check_tensor("residual", residual, shape=out_shape, device=x.device)
-    check_same_dtype(x=x, x2=x2, weight=weight, bias=bias, residual=residual)
+    check_same_dtype(x=x, x2=x2, weight=weight if scale is None else scale, bias=bias, residual=residual)
     check_interpretable(x.dtype, x.device)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -411,10 +478,10 @@ def gemm(
         stride_x, ln = k, None
     has_x2 = x2 is not None and k1 < k
     args = dict(
-        x_ptr=x, x2_ptr=x2 if has_x2 else x, w_ptr=weight, bias_ptr=bias if bias is not None else x,
-        residual_ptr=residual if residual is not None else x, out_ptr=out,
+        x_ptr=x, x2_ptr=x2 if has_x2 else x, w_ptr=weight, scale_ptr=scale if scale is not None else x,
+        bias_ptr=bias if bias is not None else x, residual_ptr=residual if residual is not None else x, out_ptr=out,
         K=k, K1=k1 if has_x2 else k, stride_x=stride_x, stride_x2=stride_x2 if has_x2 else 0, gelu_start=gelu_start,
-        HAS_X2=has_x2, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
+        W_FORMAT=w_format, HAS_X2=has_x2, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh" and gelu_start < n,
         HAS_RESIDUAL=residual is not None,
     )
     if gemv:
@@ -433,10 +500,11 @@ def gemm(
                      ("n", ln is not None))
             epilogue = "".join(f for f, on in flags if on) or "-"
             key = (("device", str(x.device)), ("M", m), ("N", n), ("K", k),
-                   ("dtype", str(x.dtype).removeprefix("torch.")), ("epilogue", epilogue))
+                   ("dtype", str(x.dtype).removeprefix("torch.")), ("epilogue", epilogue),
+                   ("weight", WEIGHT_FORMAT_NAMES[w_format]))
             if key in _tuned or not torch.cuda.is_current_stream_capturing():
-                gcfg = tune_gemv(key, GEMV_CANDIDATES, run)
-        run(gcfg or pick_gemv_config(m, n, k, x.dtype))
+                gcfg = tune_gemv(key, GEMV_CANDIDATES_QUANTIZED if w_format else GEMV_CANDIDATES, run)
+        run(gcfg or pick_gemv_config(m, n, k, x.dtype, weight.element_size()))
         return out
     cfg = config if isinstance(config, GemmConfig) else pick_config(m, n, k, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)

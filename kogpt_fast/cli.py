@@ -2,7 +2,7 @@
 
     kogpt-fast                         # prompt> / temperature(0.8)> / max_length(128)> on the demo model
     kogpt-fast --model PATH --prompt "..." --max-new-tokens 64
-    kogpt-fast convert SRC DST [--dtype float16]
+    kogpt-fast convert SRC DST [--dtype float16] [--quantize int8]
     kogpt-fast serve [--model PATH] [--port 8000]     # the OpenAI-compatible HTTP server (the serve extra)
 """
 from __future__ import annotations
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="weight-only quantization of every projection and the lm_head (fp8: GPUs of compute "
+                   "capability 8.9+, or --backend torch); a quantized checkpoint loads as it is")
     p.add_argument("-d", "--debug", action="store_true", help="print timings, the backend, and tracebacks")
     one = p.add_argument_group("one-shot mode")
     one.add_argument("--prompt", help="generate once for this prompt and exit")
@@ -116,10 +119,12 @@ def convert_main(argv: list[str]) -> int:
     p.add_argument("dst", help="new directory to create")
     p.add_argument("--revision", default=None, help="the hub revision of SRC")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="write int8 / fp8 (E4M3) weights with per-row scales for every projection and the lm_head")
     p.add_argument("-d", "--debug", action="store_true", help="print the traceback of an error")
     args = p.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, revision=args.revision)
+        out = convert(args.src, args.dst, dtype=args.dtype, revision=args.revision, quantize=args.quantize)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
@@ -145,6 +150,8 @@ def serve_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="default: float16 on cuda, float32 on cpu")
     model.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
+    model.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                       help="weight-only quantization of every projection and the lm_head (as for the prompt loop)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=count(0), default=8000, help="0: any free port (the first line says which)")
@@ -240,12 +247,15 @@ def load(args):
     directory = model_dir(args.model, revision=args.revision)
     check_checkpoint(directory)
     tokenizer = KoGPTTokenizer.from_pretrained(directory)
-    model = KoGPTForCausalLM.from_pretrained(directory, device=args.device, dtype=args.dtype, backend=args.backend)
+    model = KoGPTForCausalLM.from_pretrained(directory, device=args.device, dtype=args.dtype, backend=args.backend,
+                                             quantize=args.quantize)
     if args.debug:
         from .backends import resolve
+        from .quant import model_scheme
 
-        print(f"[debug] loaded {directory} on {model.device} ({model.dtype}), "
-              f"backend {resolve(args.backend, model.device)}, in {time.perf_counter() - start:.2f}s",
+        print(f"[debug] loaded {directory} on {model.device} ({model.dtype}, weights "
+              f"{model_scheme(model) or 'dense'}), backend {resolve(args.backend, model.device)}, in "
+              f"{time.perf_counter() - start:.2f}s",
               file=sys.stderr)
     return tokenizer, model
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 4  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu, 3: kogpt_gemv_concat,
-# 4: kogpt_gemv_ln_split_gelu)
+ABI_VERSION = 5  # KOGPT_ABI_VERSION in csrc/kogpt_cuda.h (2: kogpt_gemv_split_gelu, 3: kogpt_gemv_concat,
+# 4: kogpt_gemv_ln_split_gelu, 5: kogpt_gemv_quantized)
 
 # kogpt_status codes
 OK, ERR_CUDA, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ERR_WORKSPACE = 0, 1, 2, 3, 4
@@ -28,6 +28,8 @@ _STATUS_NAMES = {ERR_CUDA: "CUDA error", ERR_INVALID_ARGUMENT: "invalid argument
                  ERR_WORKSPACE: "workspace too small"}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1}
+WEIGHT_FORMATS = {"int8": 1, "fp8": 2}  # kogpt_weight_format, by kogpt_fast.quant scheme
+QUANTIZED_GEMV_DTYPES = (torch.float16, torch.bfloat16)  # activation dtypes kogpt_gemv_quantized takes
 ATTENTION_HEAD_DIMS = (64, 128, 256)  # the head dims decode_attention.cu is instantiated for
 
 
@@ -59,13 +61,20 @@ _SIGNATURES = {  # name: (restype, argtypes), as declared in csrc/kogpt_cuda.h
                                _p]),
     "kogpt_gemv_ln_split_gelu": (_i, [_i, _i, _i, _i, _p, _i64, _p, _p, _f, _p, _i64, _p, _p, _i64, _p, _i64, _i,
                                       _i, _p]),
+    "kogpt_gemv_quantized": (_i, [_i, _i, _i, _i, _i, _i, _p, _i64, _p, _i64, _p, _p, _f, _p, _i64, _p, _p, _p, _i64,
+                                  _p, _i64, _i, _i, _p]),
 }
 EXPORTED_SYMBOLS = tuple(_SIGNATURES)
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    path = library_path()
+    return load_library(library_path())
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """The library at `path` with its C ABI declared, after checking its ABI version (_library() loads the one
+    kogpt_fast uses; the tests also load the one in a freshly built wheel)."""
     if not path.is_file():
         raise FileNotFoundError(
             f"the CUDA library is not built: {path} is missing (install kogpt-fast with nvcc on PATH, "
@@ -291,7 +300,7 @@ GEMV_MAX_M = 16
 GEMV_LN_MAX_M = 2  # rows the GEMV's LayerNorm prologue takes
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, activation: str = "none",
          out: torch.Tensor | None = None, gelu_start: int = 0, x2: torch.Tensor | None = None,
          ln: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
@@ -301,8 +310,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ln = (ln_weight [K], ln_bias [K], eps), without x2 and for M <= 2: the input is layer_norm(x), computed in the
     kernel.
     activation: "none" or "gelu_tanh" (HF's gelu_new), applied to the columns n >= gelu_start only (0: all, N: none).
+    weight: a dense tensor in x's dtype, or a kogpt_fast.quant.QuantizedWeight (int8 / fp8 data [N, K] with contiguous
+    rows, scale [N] in x's dtype; x float16 or bfloat16): the scale multiplies the fp32 sum before the epilogue.
     fp32 accumulation; one rounding to the dtype at the end.
     """
+    from .quant import QuantizedWeight
+
     dtype = _dtype_code("x", x)
     device = x.device
     _check_tensor("x", x, device, x.dtype, 2)
@@ -313,7 +326,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _check_tensor("x2", x2, device, x.dtype, 2)
         _require(x2.shape[0] == m, f"x2 has {x2.shape[0]} rows, x {m}")
         k2 = x2.shape[1]
-    _check_tensor("weight", weight, device, x.dtype, 2)
+    scale = None
+    if isinstance(weight, QuantizedWeight):
+        _require(x.dtype in QUANTIZED_GEMV_DTYPES,
+                 f"x has dtype {x.dtype}; the GEMV takes quantized weights with float16 or bfloat16 activations")
+        scale, weight_format = weight.scale, WEIGHT_FORMATS[weight.scheme]
+        _check_tensor("weight scale", scale, device, x.dtype, 1, contiguous=True)
+        weight = weight.data
+        _check_tensor("weight", weight, device, None, 2)
+    else:
+        _check_tensor("weight", weight, device, x.dtype, 2)
     _require(weight.shape[1] == k1 + k2 and k1 + k2 >= 1,
              f"weight has shape {tuple(weight.shape)}, expected [N, {k1 + k2}] (x's {k1} columns + x2's {k2})")
     n = weight.shape[0]
@@ -334,6 +356,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=device)
     _check_tensor("out", out, device, x.dtype, 2)
     _require(out.shape == (m, n), f"out has shape {tuple(out.shape)}, expected ({m}, {n})")
+    ln_weight = ln_bias = None
+    eps = 0.0
     if ln is not None:
         _require(x2 is None, "ln (a LayerNorm of x) and x2 cannot be combined")
         _require(m <= GEMV_LN_MAX_M, f"x has {m} rows; the GEMV's LayerNorm prologue takes 1 to {GEMV_LN_MAX_M}")
@@ -342,20 +366,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             _check_tensor(name, t, device, x.dtype, 1, contiguous=True)
             _require(t.shape[0] == k1, f"{name} has {t.shape[0]} entries, expected {k1}")
         _require(math.isfinite(eps) and eps >= 0, f"eps must be finite and >= 0, got {eps}")
-        with torch.cuda.device(device):
-            rc = _library().kogpt_gemv_ln_split_gelu(
-                dtype, m, n, k1, _ptr(x), x.stride(0), _ptr(ln_weight), _ptr(ln_bias), float(eps), _ptr(weight),
-                weight.stride(0), _ptr(bias), _ptr(residual), residual.stride(0) if residual is not None else 0,
+    lib = _library()
+    residual_stride = residual.stride(0) if residual is not None else 0
+    with torch.cuda.device(device):
+        if scale is not None:
+            rc = lib.kogpt_gemv_quantized(
+                dtype, weight_format, m, n, k1, k2, _ptr(x) if k1 else None, x.stride(0),
+                _ptr(x2) if k2 else None, x2.stride(0) if k2 else 0, _ptr(ln_weight), _ptr(ln_bias), float(eps),
+                _ptr(weight), weight.stride(0), _ptr(scale), _ptr(bias), _ptr(residual), residual_stride,
                 _ptr(out), out.stride(0), ACTIVATIONS[activation], gelu_start, _stream(device),
             )
-        _check(rc, "kogpt_gemv")
-        return out
-    with torch.cuda.device(device):
-        rc = _library().kogpt_gemv_concat(
-            dtype, m, n, k1, k2, _ptr(x) if k1 else None, x.stride(0),
-            _ptr(x2) if k2 else None, x2.stride(0) if k2 else 0, _ptr(weight), weight.stride(0), _ptr(bias),
-            _ptr(residual), residual.stride(0) if residual is not None else 0, _ptr(out), out.stride(0),
-            ACTIVATIONS[activation], gelu_start, _stream(device),
-        )
+        elif ln is not None:
+            rc = lib.kogpt_gemv_ln_split_gelu(
+                dtype, m, n, k1, _ptr(x), x.stride(0), _ptr(ln_weight), _ptr(ln_bias), float(eps), _ptr(weight),
+                weight.stride(0), _ptr(bias), _ptr(residual), residual_stride, _ptr(out), out.stride(0),
+                ACTIVATIONS[activation], gelu_start, _stream(device),
+            )
+        else:
+            rc = lib.kogpt_gemv_concat(
+                dtype, m, n, k1, k2, _ptr(x) if k1 else None, x.stride(0),
+                _ptr(x2) if k2 else None, x2.stride(0) if k2 else 0, _ptr(weight), weight.stride(0), _ptr(bias),
+                _ptr(residual), residual_stride, _ptr(out), out.stride(0), ACTIVATIONS[activation], gelu_start,
+                _stream(device),
+            )
     _check(rc, "kogpt_gemv")
     return out

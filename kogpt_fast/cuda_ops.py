@@ -4,7 +4,8 @@ An op runs a kernel of the CUDA library (kogpt_fast.cuda_lib) when one covers it
 fallback ops module, chosen in one place: `fallback_ops()`. Covered today:
 - linear, linear_gelu, and GPT-J's fused GEMMs linear_split_gelu (GELU from a column on), linear_residual
   (the residual added in the epilogue) and linear_concat_residual (the same over two inputs read in place): the
-  decode GEMV (csrc/gemv.cu) for 1 to 16 rows; larger M (prefill) falls back;
+  decode GEMV (csrc/gemv.cu) for 1 to 16 rows, with dense weights or int8 / fp8 QuantizedWeights (fp16 and bf16
+  activations); larger M (prefill) falls back;
 - decode_attention: RoPE, cache write and flash-decoding in the library (csrc/decode_attention.cu);
 - write_kv_cache: csrc/kv_cache_write.cu.
 layer_norm, prefill_attention, extend_attention (new tokens over a cached context: chunked prefill, prefix-cache
@@ -20,6 +21,7 @@ import torch
 
 from . import cuda_lib, reference
 from .kv_cache import StepMetadata
+from .quant import QuantizedWeight
 from .reference import rope_table  # noqa: F401  (part of the ops interface: computed once per model)
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ def _gemv_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return f"{x.shape[0] if x.dim() == 2 else tuple(x.shape)} rows: the GEMV kernel takes 2-D x with 1..16 rows"
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or (bias is not None and not bias.is_contiguous()):
         return "non-contiguous inputs"
+    if isinstance(weight, QuantizedWeight) and (x.dtype not in cuda_lib.QUANTIZED_GEMV_DTYPES
+                                                or not weight.scale.is_contiguous()):
+        return f"quantized weights with {x.dtype} activations: the GEMV takes float16 and bfloat16"
     return None
 
 

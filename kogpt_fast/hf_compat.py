@@ -41,7 +41,7 @@ MODEL_REFUSED = {
     "state_dict": Refused("use KoGPTForCausalLM.from_state_dict(config, state_dict)"),
     "output_loading_info": Refused("a mismatch raises CheckpointError instead", off=(False,)),
     "ignore_mismatched_sizes": Refused("a mismatch always raises CheckpointError", off=(False,)),
-    "quantization_config": Refused("no HF quantization backends"),
+    "quantization_config": Refused("no HF quantization backends (kogpt-fast's own int8 / fp8 weights: quantize=)"),
     "max_memory": Refused("the whole model goes to one device"),
     "offload_folder": Refused("no offloading: the whole model goes to one device"),
     "offload_buffers": Refused("no offloading: the whole model goes to one device", off=(False,)),

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import quant
 from .config import ConfigError, GPTJConfig
 
 WEIGHT_FILES = (
@@ -191,7 +192,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_model(cls, path, *, device=None, dtype=None, backend="auto", device_map=None, revision=None, cache_dir=None,
                subfolder=None, use_safetensors=None, variant=None, generation_config=None, progress=None,
-               overrides=None):
+               overrides=None, quantize=None):
     """KoGPTForCausalLM.from_pretrained (see there). `overrides`: config fields and HF's inert arguments."""
     from . import backends, hf_compat
 
@@ -201,10 +202,13 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", device_map
     config = with_overrides(GPTJConfig.from_json_file(directory / "config.json"), overrides)
     device = target_device(device, device_map)
     dtype = parse_dtype(dtype) or default_dtype(config, device)
-    backends.resolve(backend, device)  # an explicit backend that cannot run fails before the load
+    stored, scheme = quantization_scheme(config, directory, quantize)
+    quant.check_runnable(scheme, backends.resolve(backend, device), device)  # before the load, as an explicit backend
 
     with torch.device("meta"):
         model = cls(config, backend=backend)
+        if stored:  # the checkpoint holds the quantized data and scales: the model has their parameters
+            quant.make_quantized(model, stored)
     expected = dict(model.named_parameters())
     tied = config.tie_word_embeddings
     with CheckpointReader(directory, weight_names(use_safetensors, variant)) as reader:
@@ -213,18 +217,63 @@ def load_model(cls, path, *, device=None, dtype=None, backend="auto", device_map
         if problems:
             raise CheckpointError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
         names = [n for n in expected if n in present and not (tied and n == "lm_head.weight")]
+        quantizer = None
+        if scheme and not stored:  # quantized here, each weight as it is read (GPT-J's pairs sharing scales)
+            quant.make_quantized(model, scheme)
+            quantizer = quant.Quantizer(scheme, dtype)
+        to_quantize = set(quant.quantized_names(config.n_layer, tied)) if scheme else set()
         bar = Progress(len(names), "loading weights", progress if progress is not None else reader.nbytes() > 2**30)
         for name in names:
             tensor = reader.get(name)
-            if not tensor.is_floating_point():
+            if stored and name in to_quantize:  # quantized data, as stored
+                _set_tensor(model, name, _quantized_data(name, tensor, stored).to(device=device, copy=True))
+            elif not tensor.is_floating_point():
                 raise CheckpointError(f"{name} has dtype {tensor.dtype}; weights must be floating point")
-            _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            elif quantizer is not None and name in to_quantize:
+                for done, qweight in quantizer.add(name, tensor.to(device=device)):
+                    model.get_submodule(done.removesuffix(".weight")).weight = qweight
+            else:
+                _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
             bar.update()
+        if quantizer is not None:
+            quantizer.finish()
+    if stored:
+        check_shared_scales(model, directory)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     model.generation_config = generation_defaults(config, generation_config, directory)
     model.name_or_path = str(directory)
     return model.eval()
+
+
+def quantization_scheme(config: GPTJConfig, directory: Path, quantize) -> tuple[str | None, str | None]:
+    """(the checkpoint's scheme, from config.json's quantization_config, or None; the scheme the model will hold:
+    the checkpoint's, or `quantize` for a dense checkpoint). A quantized checkpoint asked for another scheme is
+    refused by name."""
+    quantize = quant.check_scheme(quantize)
+    stored = quant.checkpoint_scheme(config.extra, str(directory / "config.json"))
+    if stored is not None and quantize not in (None, stored):
+        raise ValueError(f"{directory} holds {stored} weights (its config.json's quantization_config): it loads as "
+                         f"{stored!r}, not as quantize={quantize!r}. Re-quantizing quantized weights would add both "
+                         "errors: quantize the original checkpoint instead")
+    return stored, stored or quantize
+
+
+def _quantized_data(name: str, tensor: torch.Tensor, scheme: str) -> torch.Tensor:
+    """A quantized checkpoint's data tensor as the QuantizedLinear stores it (fp8 as its bytes)."""
+    if tensor.dtype != quant.STORAGE_DTYPES[scheme]:
+        raise CheckpointError(f"{name} has dtype {tensor.dtype}; a {scheme} checkpoint stores "
+                              f"{quant.STORAGE_DTYPES[scheme]} weights")
+    return tensor.view(torch.uint8) if scheme == "fp8" else tensor
+
+
+def check_shared_scales(model, directory) -> None:
+    """GPT-J's fused out_proj + fc_out GEMM applies one scale a row: a checkpoint must give both the same."""
+    for i, block in enumerate(model.transformer.h):
+        if not torch.equal(block.attn.out_proj.weight.scale, block.mlp.fc_out.weight.scale):
+            raise CheckpointError(f"checkpoint {directory}: transformer.h.{i}.attn.out_proj.weight_scale and "
+                                  f"transformer.h.{i}.mlp.fc_out.weight_scale differ; they must be one scale per "
+                                  "row over both (kogpt-fast convert --quantize writes them so)")
 
 
 def target_device(device, device_map) -> torch.device:

@@ -21,6 +21,7 @@ from .config import GPTJConfig
 from .decode import DecodeStep, graphs_enabled
 from .generation import GenerationMixin
 from .kv_cache import PagedKVCache, StepMetadata
+from .quant import QuantizedWeight, as_weight
 
 
 PREFILL_PATHS = ("kernel", "torch")  # KoGPTForCausalLM.prefill_path
@@ -102,6 +103,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         variant: str | None = None,
         generation_config=None,
         progress: bool | None = None,
+        quantize: str | None = None,
         **overrides,
     ) -> "KoGPTForCausalLM":
         """Load a HF GPT-J checkpoint: a directory (safetensors, sharded safetensors or pytorch_model.bin), or a
@@ -113,7 +115,9 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         variable when "auto"). use_safetensors, variant, subfolder, cache_dir and generation_config as in HF.
         Like HF, config fields may be overridden by keyword (e.g. `pad_token_id=tokenizer.eos_token_id`); HF's
         arguments that change nothing here are accepted, those asking for what kogpt-fast does not do raise
-        NotImplementedError (kogpt_fast.hf_compat; the README's argument table).
+        NotImplementedError (kogpt_fast.hf_compat; the README's argument table). quantize: "int8" or "fp8"
+        (kogpt_fast.quant) quantizes every projection and the lm_head as they are read; a checkpoint written by
+        `kogpt-fast convert --quantize` loads quantized as it is.
         """
         from .loader import load_model
 
@@ -121,7 +125,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             cls, path, device=device, dtype=dtype if dtype is not None else torch_dtype, backend=backend,
             device_map=device_map, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
             use_safetensors=use_safetensors, variant=variant, generation_config=generation_config,
-            progress=progress, overrides=overrides,
+            progress=progress, overrides=overrides, quantize=quantize,
         )
 
     @classmethod
@@ -197,7 +201,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
                 for block in self.transformer.h:
                     for module in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj,
                                    block.mlp.fc_in, block.mlp.fc_out):
-                        module.weight = nn.Parameter(module.weight.contiguous().clone(), requires_grad=False)
+                        module.weight = as_weight(module.weight.contiguous().clone())
                     # fc_in's bias is a slice of the fused [0; 0; 0; b_in], which would otherwise stay alive
                     block.mlp.fc_in.bias = nn.Parameter(block.mlp.fc_in.bias.clone(), requires_grad=False)
             self._fused = None
@@ -220,6 +224,8 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             for module in modules:
                 w = module.weight
+                if isinstance(w, QuantizedWeight):  # the reference dequantizes it at each call: the kernels' layout
+                    continue
                 if transposed and w.is_contiguous():
                     module.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=False)
                 elif not transposed and not w.is_contiguous():
@@ -238,7 +244,7 @@ class KoGPTForCausalLM(GenerationMixin, nn.Module):
             (mlp.fc_in, w_in[3 * d:]), (attn.out_proj, w_out[:, :d]), (mlp.fc_out, w_out[:, d:]),
         ]
         for module, view in views:
-            module.weight = nn.Parameter(view, requires_grad=False)
+            module.weight = as_weight(view)
         mlp.fc_in.bias = nn.Parameter(b_in[3 * d:], requires_grad=False)
         return w_in, b_in, w_out, mlp.fc_out.bias
 

@@ -12,6 +12,7 @@ and semantics as the reference's ops (kogpt_fast.reference):
   k and the cache write, each one launch of the Triton kernels (the reference's RoPE is a dozen elementwise ops).
 Each GEMM op rounds to the activation dtype after the GEMM and again after its epilogue, as HF does after each of
 its ops; the Triton and CUDA GEMMs round once. Both are within the tests' tolerance of the reference.
+A quantized weight is dequantized to the activation dtype first (the reference's rounding), then read by cuBLAS.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from .kv_cache import StepMetadata
+from .quant import dense
 
 GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both spell GPT-J's tanh-approximated GELU
 
@@ -34,19 +36,19 @@ def _gelu_(y: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+    return F.linear(x, dense(weight, x.dtype), bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "gelu_new") -> torch.Tensor:
     _check_activation(activation)
-    return _gelu_(F.linear(x, weight, bias))
+    return _gelu_(F.linear(x, dense(weight, x.dtype), bias))
 
 
 def linear_split_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int, activation: str = "gelu_new"
 ) -> torch.Tensor:
     _check_activation(activation)
-    y = F.linear(x, weight, bias)
+    y = F.linear(x, dense(weight, x.dtype), bias)
     _gelu_(y[..., gelu_start:])
     return y
 
@@ -67,6 +69,7 @@ def _residual_fits(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
 def linear_residual(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
+    weight = dense(weight, x.dtype)
     if not _residual_fits(x, weight, residual):
         return reference.linear_residual(x, weight, bias, residual)
     out = torch.addmm(residual, x, weight.t())
@@ -78,7 +81,7 @@ def linear_concat_residual(
 ) -> torch.Tensor:
     """[x1 | x2] @ weight^T + bias + residual as residual + x1 W1^T, then + x2 W2^T (W = [W1 | W2], column slices
     that cuBLAS reads at the weight's row stride), then + bias."""
-    k1 = x1.shape[-1]
+    k1, weight = x1.shape[-1], dense(weight, x1.dtype)
     if not (_residual_fits(x1, weight, residual) and x2.dim() == 2 and k1 + x2.shape[-1] == weight.shape[1]):
         return reference.linear_concat_residual(x1, x2, weight, bias, residual)
     out = torch.addmm(residual, x1, weight[:, :k1].t())

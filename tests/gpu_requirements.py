@@ -14,11 +14,6 @@ import torch
 from kogpt_fast import backends, cuda_lib
 
 
-def cuda_library_expected() -> bool:
-    """The CUDA library must load where a GPU is present or the library file was built."""
-    return torch.cuda.is_available() or cuda_lib.library_path().is_file()
-
-
 def require_backend(name: str, device: torch.device) -> None:
     """Fail (never skip) when backend `name` cannot run on a CUDA device, unless its package is not installed."""
     reason = backends.unavailable_reason(name, torch.device(device))

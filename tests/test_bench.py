@@ -106,8 +106,18 @@ def test_smoke_run_end_to_end(smoke):
     assert floor["copy_bytes_per_s"] == pytest.approx(data["peaks"]["copy_bandwidth"]["value"] * 1e12)
     for r in figures:
         if r["metric"] == "decode_ms_per_token":
-            assert r["floor"]["value"] == floor["floor_ms_per_token"]
-            assert r["fraction_of_floor"]["value"] == pytest.approx(floor["floor_ms_per_token"] / r["value"])
+            own = r["system_info"].get("weight_bytes_per_token")  # a quantized system's own bytes
+            expected = floor["floor_ms_per_token"] if own is None else own / floor["copy_bytes_per_s"] * 1e3
+            assert r["floor"]["value"] == pytest.approx(expected)
+            assert r["fraction_of_floor"]["value"] == pytest.approx(expected / r["value"])
+    # int8 and fp8 weights on the CPU's backend: half the bytes of the fp32 weights' floor at most, and their
+    # figure next to the dense one of the same run
+    quantized = {r["system"]: r for r in figures
+                 if r["metric"] == "decode_ms_per_token" and r["system_info"].get("quantize")}
+    assert set(quantized) == {"kogpt-fast[torch]+int8", "kogpt-fast[torch]+fp8"}
+    for r in quantized.values():
+        assert r["floor"]["value"] < 0.5 * floor["floor_ms_per_token"]
+        assert r["vs_dense_weights"]["system"] == "kogpt-fast[torch]" and r["vs_dense_weights"]["value"] > 0
     skipped = {s["system"] for s in data["e2e_info"]["skipped_systems"]}
     assert "hf-sdpa" in systems | skipped  # run, or skipped with the reason (transformers 5.x GPT-J has no sdpa)
     if HAS_TRANSFORMERS:  # the same weights reached both: the torch backend is HF eager's equal in fp32
@@ -155,7 +165,8 @@ def test_kernel_backends_get_a_prefill_path_variant_for_ttft_only():
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["torch"], None, False)]
     assert not any("torch-prefill" in n for n in names)
     names = [s.name for s in e2e.system_specs(GPTJConfig(), {}, ["triton"], {"kogpt"}, False)]
-    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton]+torch-prefill"]
+    assert names == ["kogpt-fast[triton]", "kogpt-fast[triton]+torch-prefill", "kogpt-fast[triton]+int8",
+                     "kogpt-fast[triton]+fp8"]
 
 
 def test_report_of_an_earlier_run(smoke, capsys):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from kogpt_fast import cuda_lib
+
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_IN_WHEEL = "kogpt_fast/_lib/libkogpt_cuda.so"
 ARCHS = "75;90"
@@ -151,3 +153,79 @@ def test_every_kernel_fits_turing(tmp_path):
     assert all(int(n) == 0 for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)), report
     assert max(int(n) for n in re.findall(r"Used (\d+) registers", report)) <= 255
     assert max([int(n) for n in re.findall(r"(\d+) bytes smem", report)] or [0]) <= 48 * 1024
+
+
+# The library's argument checks run on the host before any CUDA call: no GPU needed, so CI checks them on the
+# library of the wheel built above (an editable install on a machine without a GPU driver builds none).
+
+@pytest.fixture(scope="module")
+def wheel_library(cuda_wheel, tmp_path_factory):
+    where = tmp_path_factory.mktemp("lib")
+    zipfile.ZipFile(cuda_wheel).extract(LIBRARY_IN_WHEEL, where)
+    return cuda_lib.load_library(where / LIBRARY_IN_WHEEL)
+
+
+def test_library_refuses_bad_gemv_arguments_on_the_host(wheel_library):
+    """Argument checks of the GEMV entry points run before any CUDA call: no GPU needed."""
+    lib = wheel_library
+    assert lib.kogpt_abi_version() == cuda_lib.ABI_VERSION
+    for gelu_start in (-1, 9):  # N = 8
+        rc = lib.kogpt_gemv_split_gelu(1, 1, 8, 64, 16, 64, 16, 64, None, None, 0, 16, 8, 1, gelu_start, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"gelu_start" in lib.kogpt_last_error()
+    rc = lib.kogpt_gemv_split_gelu(1, 17, 8, 64, 16, 64, 16, 64, None, None, 0, 16, 8, 1, 0, None)
+    assert rc == cuda_lib.ERR_INVALID_ARGUMENT and b"M=17" in lib.kogpt_last_error()
+    # kogpt_gemv_concat(dtype, M, N, K1, K2, x1, x1_stride, x2, x2_stride, weight, ...): sizes and pointers.
+    for k1, k2, x2, message in ((-1, 64, 16, b"K1=-1"), (0, 0, 16, b"K1=0 K2=0"), (32, 32, None, b"x2 (with K2 > 0)")):
+        rc = lib.kogpt_gemv_concat(1, 1, 8, k1, k2, 16, 64, x2, 64, 16, 64, None, None, 0, 16, 8, 0, 0, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
+    # kogpt_gemv_ln_split_gelu(dtype, M, N, K, x, x_stride, ln_weight, ln_bias, eps, weight, ...): M <= 2, the
+    # LayerNorm parameters present, eps finite and >= 0.
+    for m, ln_w, eps, message in ((3, 16, 1e-5, b"M must be in [1, 2]"), (1, None, 1e-5, b"ln_weight and ln_bias"),
+                                  (1, 16, -1.0, b"finite eps >= 0"), (1, 16, float("inf"), b"finite eps >= 0")):
+        rc = lib.kogpt_gemv_ln_split_gelu(1, m, 8, 64, 16, 64, ln_w, 16, eps, 16, 64, None, None, 0, 16, 8, 1, 0, None)
+        assert rc == cuda_lib.ERR_INVALID_ARGUMENT and message in lib.kogpt_last_error(), lib.kogpt_last_error()
+
+
+def test_library_refuses_bad_decode_attention_arguments_on_the_host(wheel_library):
+    """kogpt_decode_attention checks its arguments before any CUDA call: no GPU needed."""
+    lib = wheel_library
+    h, d, bs = 2, 64, 16
+    ptr = 4096  # a 256-byte aligned address, never dereferenced: every call here is refused first
+
+    def call(rotary_dim=32, k=ptr, slots=ptr, partition_size=64, head_dim=d):
+        return lib.kogpt_decode_attention(
+            1, 1, h, head_dim, ptr, h * head_dim, head_dim, k, h * head_dim, head_dim, ptr, h * head_dim, head_dim,
+            ptr, ptr, bs, bs * h * head_dim, h * head_dim, head_dim, slots, ptr, ptr, 32, rotary_dim, ptr, 4, 4,
+            ptr, 0.125, partition_size, ptr, h * head_dim, head_dim, ptr, 1 << 20, None)
+
+    for kwargs, code, message in (
+        (dict(rotary_dim=0), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 0"),
+        (dict(rotary_dim=33), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 33"),
+        (dict(rotary_dim=66), cuda_lib.ERR_INVALID_ARGUMENT, b"rotary_dim 66"),
+        (dict(k=None), cuda_lib.ERR_INVALID_ARGUMENT, b"NULL"),
+        (dict(slots=None), cuda_lib.ERR_INVALID_ARGUMENT, b"NULL"),
+        (dict(partition_size=48), cuda_lib.ERR_INVALID_ARGUMENT, b"partition_size 48"),
+        (dict(head_dim=96), cuda_lib.ERR_UNSUPPORTED, b"head_dim 96"),
+    ):
+        assert call(**kwargs) == code and message in lib.kogpt_last_error(), (kwargs, lib.kogpt_last_error())
+
+
+def test_library_refuses_bad_quantized_gemv_arguments_on_the_host(wheel_library):
+    """kogpt_gemv_quantized checks its arguments before any CUDA call: no GPU needed."""
+    lib = wheel_library
+    p = 4096  # an aligned address, never dereferenced: each call is refused first
+
+    def call(dtype=1, fmt=1, m=1, scale=p, ln_w=None):
+        # (dtype, weight_format, M, N, K1, K2, x1, x1_stride, x2, x2_stride, ln_weight, ln_bias, eps, weight,
+        #  weight_stride, weight_scale, bias, residual, residual_stride, out, out_stride, activation, gelu_start, s)
+        return lib.kogpt_gemv_quantized(dtype, fmt, m, 8, 64, 0, p, 64, None, 0, ln_w, ln_w, 1e-5, p, 64, scale,
+                                        None, None, 0, p, 8, 0, 0, None)
+
+    for kwargs, code, message in (
+        (dict(fmt=0), cuda_lib.ERR_INVALID_ARGUMENT, b"quantized weight format"),
+        (dict(scale=None), cuda_lib.ERR_INVALID_ARGUMENT, b"weight_scale"),
+        (dict(fmt=7), cuda_lib.ERR_INVALID_ARGUMENT, b"unknown weight format code 7"),
+        (dict(dtype=0), cuda_lib.ERR_UNSUPPORTED, b"float16 or bfloat16"),
+        (dict(m=3, ln_w=p), cuda_lib.ERR_INVALID_ARGUMENT, b"M must be in [1, 2]"),
+    ):
+        assert call(**kwargs) == code and message in lib.kogpt_last_error(), lib.kogpt_last_error()

@@ -21,7 +21,8 @@ from kogpt_fast.serving.engine_process import EngineProcess, EngineProcessError
 
 
 def demo_loader(model=None):
-    args = argparse.Namespace(model=model, revision=None, device="cpu", dtype=None, backend="torch", debug=False)
+    args = argparse.Namespace(model=model, revision=None, device="cpu", dtype=None, backend="torch", debug=False,
+                              quantize=None)
     return functools.partial(load, args)
 
 
@@ -147,7 +148,7 @@ def test_a_program_that_forgets_close_still_exits(tmp_path):
         "from kogpt_fast.serving.engine_process import EngineProcess\n"
         "if __name__ == '__main__':\n"
         "    args = argparse.Namespace(model=None, revision=None, device='cpu', dtype=None, backend='torch',"
-        " debug=False)\n"
+        " debug=False, quantize=None)\n"
         "    engine = EngineProcess(functools.partial(load, args), {}, threads=1)\n"
         "    engine.start()\n"
         "    print('started', flush=True)\n"

@@ -43,7 +43,7 @@ def honoured_here(title: str) -> set[str]:
     """The HF names the function itself handles (its parameters, config fields for the model, etc.)."""
     if title == MODEL:
         own = set(inspect.signature(KoGPTForCausalLM.from_pretrained).parameters) - {"path", "overrides"}
-        return own - {"device", "backend", "progress"} | {"pretrained_model_name_or_path"}
+        return own - {"device", "backend", "progress", "quantize"} | {"pretrained_model_name_or_path"}
     if title == TOKENIZER:
         from kogpt_fast.tokenizer import _CONFIG_ARGUMENTS
 
