@@ -71,7 +71,8 @@ def test_model_card_snippet_runs_from_the_hub_cache(tmp_path):
 def test_serving_examples_run():
     """The engine section's two Python examples (sync and asyncio) run as written."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Serving: the engine"):text.index("## The CLI")]
+    start = text.index("## Serving: the engine")
+    section = text[start:text.index("\n## ", start)]  # up to the next section (the HTTP server's)
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     for block in blocks:

@@ -9,6 +9,11 @@
 Files: request.py (SamplingParams, Request, RequestOutput), block_manager.py (reference-counted blocks, the prefix
 cache), scheduler.py (what each step runs), sampler.py (per-request sampling on generate()'s sampler), engine.py
 (the loop), async_engine.py (one background thread, asyncio iteration per request).
+
+The OpenAI-compatible HTTP server (`kogpt-fast serve`; FastAPI, uvicorn and prometheus_client, the serve extra, never
+imported from here): engine_process.py (the engine in a process of its own, with AsyncEngine's contract), server.py
+(the app, its errors and shutdown), protocol.py (OpenAI's request and response shapes), completions.py (one
+completion call on the engine), chat.py, detokenizer.py (text as tokens come, stop strings), metrics.py.
 """
 from __future__ import annotations
 
