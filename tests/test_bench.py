@@ -250,3 +250,22 @@ def test_kogpt_systems_share_one_model_and_switch_it():
     assert second.model.prefill_path == "torch" and 99 not in second.model._decode_steps
     second.release()
     assert second.model.kv_cache is None and second.model._decode_steps == {}
+
+
+def test_cpu_decode_benchmark_smoke(tmp_path):
+    """bench/cpu_decode.py end to end at its smallest (CTranslate2, an optional baseline, left out): both systems
+    give the same greedy tokens, and the table and JSON hold every case."""
+    import json
+
+    cmd = [sys.executable, str(REPO / "bench" / "cpu_decode.py"), "--batches", "1,2", "--prompts", "5", "--new", "3",
+           "--repeats", "1", "--threads", "1", "--systems", "kogpt-fast[torch],hf-eager", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 2 | 5 |" in done.stdout
+    cases = json.loads((tmp_path / "cpu_decode.json").read_text())["cases"]
+    assert [(c["batch"], c["prompt"]) for c in cases] == [(1, 5), (2, 5)]
+    for case in cases:
+        rows = case["systems"]
+        assert set(rows) == {"kogpt-fast[torch]", "hf-eager"}
+        assert all(r["same_tokens_as_kogpt-fast[torch]"] for r in rows.values())
+        assert all(isinstance(r["decode_ms_per_token"], float) and r["request_s"] > 0 for r in rows.values())
