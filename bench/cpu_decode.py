@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +38,17 @@ KOGPT, HF, CT2 = "kogpt-fast[torch]", "hf-eager", "ctranslate2"
 
 class CTranslate2System(System):
     """The model converted by CTranslate2's own Transformers converter (a word-level tokenizer of the ids' names
-    saved beside it: CTranslate2 speaks token strings), run by its Generator with the same thread count."""
+    saved beside it: CTranslate2 speaks token strings), run by its Generator with the same thread count, in a child
+    process that never imports torch (bench/ct2_worker.py says why: in this process it slows torch's threads down).
+    The child's pipe costs the same for n new tokens as for 1, so it cancels out of decode ms/token."""
 
     def __init__(self, config: GPTJConfig, weights: dict, threads: int, workdir: Path):
         import ctranslate2
         import transformers
         from tokenizers import Tokenizer, models
 
-        self.name, self.info = CT2, {"ctranslate2": ctranslate2.__version__, "compute_type": "float32"}
+        self.name, self.info = CT2, {"ctranslate2": ctranslate2.__version__, "compute_type": "float32",
+                                     "process": "its own (bench/ct2_worker.py)"}
         src, dst = workdir / "hf", workdir / "ct2"
         hf = HFSystem(config, weights, "eager").model
         hf.save_pretrained(src, safe_serialization=True)
@@ -53,14 +57,32 @@ class CTranslate2System(System):
             tokenizer_object=Tokenizer(models.WordLevel(vocab, "t0")), bos_token="t0", eos_token="t1", unk_token="t0")
         tokenizer.save_pretrained(src)
         ctranslate2.converters.TransformersConverter(str(src)).convert(str(dst), quantization="float32")
-        self.generator = ctranslate2.Generator(str(dst), device="cpu", compute_type="float32", intra_threads=threads)
+        self.worker = subprocess.Popen([sys.executable, str(REPO / "bench" / "ct2_worker.py"), str(dst), str(threads)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reply()  # {"ready": version}
+
+    def _reply(self) -> dict:
+        line = self.worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the CTranslate2 worker exited (rc {self.worker.wait()}); its stderr is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the CTranslate2 worker failed: {reply['error']}")
+        return reply
 
     def generate(self, ids, n):
-        prompts = [[f"t{i}" for i in row] for row in ids.tolist()]
-        results = self.generator.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1,
-                                                include_prompt_in_result=False, end_token=[])
-        new = torch.tensor([[int(t[1:]) for t in r.sequences[0]] for r in results], dtype=torch.long)
+        self.worker.stdin.write(json.dumps({"prompts": ids.tolist(), "n": n}) + "\n")
+        self.worker.stdin.flush()
+        new = torch.tensor(self._reply()["tokens"], dtype=torch.long)
         return torch.cat([ids, new], dim=1)
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.worker.poll() is None:
+            self.worker.stdin.close()
+            self.worker.wait(timeout=30)
 
 
 def build_systems(config, weights, wanted: set[str], threads: int, workdir: Path) -> tuple[list[System], dict]:
@@ -146,12 +168,17 @@ def main(argv=None) -> int:
         if not systems:
             p.error(f"no system to run: {skipped}")
         cases = []
-        for batch in map(int, args.batches.split(",")):
-            for prompt in map(int, args.prompts.split(",")):
-                cases.append(run_case(systems, batch, prompt, args.new, args.repeats))
-                print(f"batch {batch}, prompt {prompt}: " + ", ".join(
-                    f"{n} {r['decode_ms_per_token']:.1f} ms/token" for n, r in cases[-1]["systems"].items()),
-                    flush=True)
+        try:
+            for batch in map(int, args.batches.split(",")):
+                for prompt in map(int, args.prompts.split(",")):
+                    cases.append(run_case(systems, batch, prompt, args.new, args.repeats))
+                    print(f"batch {batch}, prompt {prompt}: " + ", ".join(
+                        f"{n} {r['decode_ms_per_token']:.1f} ms/token" for n, r in cases[-1]["systems"].items()),
+                        flush=True)
+        finally:
+            for s in systems:
+                if hasattr(s, "close"):
+                    s.close()
     names = [s.name for s in systems]
     result = {"config": CONFIG.to_dict(), "threads": args.threads, "repeats": args.repeats, "systems": names,
               "skipped": skipped, "info": {s.name: s.info for s in systems}, "cases": cases,

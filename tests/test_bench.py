@@ -269,3 +269,20 @@ def test_cpu_decode_benchmark_smoke(tmp_path):
         assert set(rows) == {"kogpt-fast[torch]", "hf-eager"}
         assert all(r["same_tokens_as_kogpt-fast[torch]"] for r in rows.values())
         assert all(isinstance(r["decode_ms_per_token"], float) and r["request_s"] > 0 for r in rows.values())
+
+
+def test_cpu_decode_ctranslate2_runs_in_its_own_process_and_agrees(tmp_path):
+    """The optional CTranslate2 baseline, where it is installed: its worker process answers over the pipe with the
+    same greedy tokens as kogpt-fast, and exits when the benchmark closes it."""
+    import json
+
+    pytest.importorskip("ctranslate2", reason="ctranslate2 (an optional benchmark baseline) is not installed")
+    cmd = [sys.executable, str(REPO / "bench" / "cpu_decode.py"), "--batches", "2", "--prompts", "5", "--new", "3",
+           "--repeats", "1", "--threads", "1", "--systems", "kogpt-fast[torch],ctranslate2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "cpu_decode.json").read_text())
+    assert result["info"]["ctranslate2"]["process"].startswith("its own")
+    rows = result["cases"][0]["systems"]
+    assert set(rows) == {"kogpt-fast[torch]", "ctranslate2"}
+    assert rows["ctranslate2"]["same_tokens_as_kogpt-fast[torch]"]
