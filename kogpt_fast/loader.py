@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pickle
 import re
 import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
