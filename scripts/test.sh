@@ -7,7 +7,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test,bench,serve
 # NumPy's threaded BLAS under the Triton interpreter crawls when the cores are shared.
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-say "running the tests (about 4 minutes on 2 CPU cores)"
+say "running the tests (4-6 minutes on 2 CPU cores; the slow ones, -m slow, about 2 more)"
 start=$SECONDS
 status=0
 python -m pytest -q -m "not slow" "$@" || status=$?  # a later -m in "$@" wins: scripts/test.sh -m slow
