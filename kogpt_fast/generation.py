@@ -173,7 +173,8 @@ def too_long(prompt_tokens: int, new_tokens: int, width: int, n_positions: int) 
     if room < 1:
         return f"the prompt has {prompt_tokens} tokens, more than this model's context of n_positions={n_positions}"
     fits = "1 new token fits" if room == 1 else f"{room} new tokens fit"
-    return (f"a prompt of {prompt_tokens} tokens and {new_tokens} new tokens do not fit in this model's context "
+    prompt = "1 token" if prompt_tokens == 1 else f"{prompt_tokens} tokens"
+    return (f"a prompt of {prompt} and {new_tokens} new tokens do not fit in this model's context "
             f"(n_positions={n_positions}): at most {fits} after this prompt (max_new_tokens={room}, "
             f"or max_length={width + room})")
 
