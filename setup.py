@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -168,7 +168,8 @@ if NVCC is None:
           "(backend='cuda' will be unavailable; torch and triton still work)", file=sys.stderr, flush=True)
 
 setup(
-    packages=["kogpt_fast", "kogpt_fast.demo", "kogpt_fast.kernels"],
+    # every package under kogpt_fast/ (serving included), and kernels/ installed as kogpt_fast.kernels
+    packages=[*find_packages(include=["kogpt_fast", "kogpt_fast.*"]), "kogpt_fast.kernels"],
     package_dir={"kogpt_fast": "kogpt_fast", "kogpt_fast.kernels": "kernels"},
     package_data={"kogpt_fast.demo": ["*.json", "*.safetensors", "*.model", "*.md", "*.txt"]},
     ext_modules=[CUDALibrary()] if NVCC else [],

@@ -134,6 +134,12 @@ def test_skip_flag_builds_a_pure_python_wheel(tmp_path):
     assert wheel.name.endswith("py3-none-any.whl")
     assert LIBRARY_IN_WHEEL not in zipfile.ZipFile(wheel).namelist()
     assert "without the CUDA library" in result.stdout + result.stderr
+    # every package of the source tree is in the wheel (kogpt_fast.serving was once left out: no `kogpt-fast serve`)
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {str(p.parent.relative_to(ROOT)).replace("kernels", "kogpt_fast/kernels", 1)
+                for p in [*ROOT.glob("kogpt_fast/**/__init__.py"), ROOT / "kernels" / "__init__.py"]}
+    assert packages >= {"kogpt_fast", "kogpt_fast/serving", "kogpt_fast/kernels"}
+    assert {p for p in packages if f"{p}/__init__.py" not in names} == set(), names
 
 
 def test_every_kernel_fits_turing(tmp_path):
