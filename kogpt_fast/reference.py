@@ -189,13 +189,14 @@ def decode_attention(
     q, _ = _rope_and_cache(q, k, v, meta, k_cache, v_cache, rope, rotary_dim)
     block_size = k_cache.shape[1]
     out = torch.empty_like(v)
+    up = _score_dtype(q)
+    q_up, scale = q.to(up)[:, :, None, :], math.sqrt(q.shape[-1])  # [B, H, 1, D], once for every sequence
     for b, (length, table) in enumerate(zip(meta.seq_lens.tolist(), meta.block_tables.tolist())):
         keys = _context(k_cache, table, length, block_size)  # [L, H, D]
         values = _context(v_cache, table, length, block_size)
-        up = _score_dtype(q)
         # q [H, 1, D] @ keys as [H, D, L]: a view BLAS reads in place (measured 2x faster than keys^T's [H, L, D])
-        scores = torch.matmul(q[b].to(up)[:, None, :], keys.to(up).permute(1, 2, 0))  # [H, 1, L]
-        probs = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1).to(values.dtype)
+        scores = torch.matmul(q_up[b], keys.to(up).permute(1, 2, 0))  # [H, 1, L]
+        probs = torch.softmax(scores / scale, dim=-1).to(values.dtype)
         out[b] = torch.matmul(probs, values.transpose(0, 1))[:, 0]  # [H, D]
     return out
 
