@@ -76,9 +76,6 @@ class CTranslate2System(System):
         new = torch.tensor(self._reply()["tokens"], dtype=torch.long)
         return torch.cat([ids, new], dim=1)
 
-    def release(self) -> None:
-        pass
-
     def close(self) -> None:
         if self.worker.poll() is None:
             self.worker.stdin.close()
@@ -177,8 +174,7 @@ def main(argv=None) -> int:
                         flush=True)
         finally:
             for s in systems:
-                if hasattr(s, "close"):
-                    s.close()
+                s.close()
     names = [s.name for s in systems]
     result = {"config": CONFIG.to_dict(), "threads": args.threads, "repeats": args.repeats, "systems": names,
               "skipped": skipped, "info": {s.name: s.info for s in systems}, "cases": cases,

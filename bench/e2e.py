@@ -87,6 +87,9 @@ class System:
     def release(self) -> None:
         """Drop the KV cache between cases."""
 
+    def close(self) -> None:
+        """End what the system started outside this process (a worker), after the last case."""
+
 
 class KoGPTSystem(System):
     """kogpt-fast with one backend and prefill path. The kogpt-fast systems of a run share one model (`shared`, a

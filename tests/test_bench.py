@@ -252,17 +252,21 @@ def test_kogpt_systems_share_one_model_and_switch_it():
     assert second.model.kv_cache is None and second.model._decode_steps == {}
 
 
+def run_cpu_decode(out: Path, *args: str) -> dict:
+    """bench/cpu_decode.py at its smallest (prompt 5, 3 new tokens, one repeat, one thread) -> its JSON."""
+    cmd = [sys.executable, str(REPO / "bench" / "cpu_decode.py"), "--prompts", "5", "--new", "3", "--repeats", "1",
+           "--threads", "1", "--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"stdout": done.stdout, **json.loads((out / "cpu_decode.json").read_text())}
+
+
 def test_cpu_decode_benchmark_smoke(tmp_path):
     """bench/cpu_decode.py end to end at its smallest (CTranslate2, an optional baseline, left out): both systems
     give the same greedy tokens, and the table and JSON hold every case."""
-    import json
-
-    cmd = [sys.executable, str(REPO / "bench" / "cpu_decode.py"), "--batches", "1,2", "--prompts", "5", "--new", "3",
-           "--repeats", "1", "--threads", "1", "--systems", "kogpt-fast[torch],hf-eager", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 2 | 5 |" in done.stdout
-    cases = json.loads((tmp_path / "cpu_decode.json").read_text())["cases"]
+    result = run_cpu_decode(tmp_path, "--batches", "1,2", "--systems", "kogpt-fast[torch],hf-eager")
+    assert "| 2 | 5 |" in result["stdout"]
+    cases = result["cases"]
     assert [(c["batch"], c["prompt"]) for c in cases] == [(1, 5), (2, 5)]
     for case in cases:
         rows = case["systems"]
@@ -274,14 +278,8 @@ def test_cpu_decode_benchmark_smoke(tmp_path):
 def test_cpu_decode_ctranslate2_runs_in_its_own_process_and_agrees(tmp_path):
     """The optional CTranslate2 baseline, where it is installed: its worker process answers over the pipe with the
     same greedy tokens as kogpt-fast, and exits when the benchmark closes it."""
-    import json
-
     pytest.importorskip("ctranslate2", reason="ctranslate2 (an optional benchmark baseline) is not installed")
-    cmd = [sys.executable, str(REPO / "bench" / "cpu_decode.py"), "--batches", "2", "--prompts", "5", "--new", "3",
-           "--repeats", "1", "--threads", "1", "--systems", "kogpt-fast[torch],ctranslate2", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "cpu_decode.json").read_text())
+    result = run_cpu_decode(tmp_path, "--batches", "2", "--systems", "kogpt-fast[torch],ctranslate2")
     assert result["info"]["ctranslate2"]["process"].startswith("its own")
     rows = result["cases"][0]["systems"]
     assert set(rows) == {"kogpt-fast[torch]", "ctranslate2"}
