@@ -79,12 +79,8 @@ def count(minimum: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kogpt-fast",
-        description="Generate Korean text with KoGPT (or any GPT-J checkpoint). Without --prompt, runs KoGPT's "
-        "interactive loop; `kogpt-fast convert SRC DST` converts a checkpoint to safetensors.",
-    )
+def add_model_arguments(p) -> None:
+    """The model's flags, shared by the prompt loop and `kogpt-fast serve` (a parser or an argument group)."""
     p.add_argument("--model", default=None,
                    help="checkpoint directory, or a hub id that the local Hugging Face cache holds, e.g. "
                    "kakaobrain/kogpt (default: the embedded demo model; nothing is ever downloaded)")
@@ -96,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="weight-only quantization of every projection and the lm_head (fp8: GPUs of compute "
                    "capability 8.9+, or --backend torch); a quantized checkpoint loads as it is")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kogpt-fast",
+        description="Generate Korean text with KoGPT (or any GPT-J checkpoint). Without --prompt, runs KoGPT's "
+        "interactive loop; `kogpt-fast convert SRC DST` converts a checkpoint to safetensors.",
+    )
+    add_model_arguments(p)
     p.add_argument("-d", "--debug", action="store_true", help="print timings, the backend, and tracebacks")
     one = p.add_argument_group("one-shot mode")
     one.add_argument("--prompt", help="generate once for this prompt and exit")
@@ -141,17 +146,7 @@ def serve_parser() -> argparse.ArgumentParser:
         prog="kogpt-fast serve",
         description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/models, /health, /metrics).",
     )
-    model = p.add_argument_group("model (as for the prompt loop)")
-    model.add_argument("--model", default=None,
-                       help="checkpoint directory, or a hub id that the local Hugging Face cache holds "
-                       "(default: the embedded demo model)")
-    model.add_argument("--revision", default=None, help="the hub revision of --model")
-    model.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    model.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                       help="default: float16 on cuda, float32 on cpu")
-    model.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto")
-    model.add_argument("--quantize", choices=["int8", "fp8"], default=None,
-                       help="weight-only quantization of every projection and the lm_head (as for the prompt loop)")
+    add_model_arguments(p.add_argument_group("model (as for the prompt loop)"))
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=count(0), default=8000, help="0: any free port (the first line says which)")
