@@ -7,6 +7,7 @@ prompt, which runs as a completion; the answer comes back in the chat shapes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .protocol import (CompletionRequest, StreamOptions, bad_request, check_ranges, completion_id, now, usage_object,
-                       validation_error)
+from .protocol import (CompletionRequest, StreamOptions, bad_request, check_ranges, completion_id, completion_object,
+                       now, usage_object, validation_error)
 from .server import check_model, event_stream, finish_unless_disconnected, prepare_completion, sse, stream_events
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API bound
@@ -79,7 +80,9 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = None
 
 
-def render(template: str, messages: list[ChatMessage], tokenizer) -> str:
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """The template compiled once (a server has one; transformers caches its own the same way)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -88,6 +91,12 @@ def render(template: str, messages: list[ChatMessage], tokenizer) -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render(template: str, messages: list[ChatMessage], tokenizer) -> str:
+    import jinja2
+
     plain = []
     for i, m in enumerate(messages):
         content = m.content
@@ -97,7 +106,7 @@ def render(template: str, messages: list[ChatMessage], tokenizer) -> str:
             content = "".join(part.text for part in content)
         plain.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
     try:
-        return env.from_string(template).render(
+        return _compiled(template).render(
             messages=plain, add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
             eos_token=tokenizer.eos_token or "")
     except jinja2.TemplateError as e:
@@ -156,8 +165,7 @@ async def chat_completion(state, request: Request):
     cid, created = completion_id("chatcmpl"), now()
 
     def response(object_type, choices, usage):
-        return {"id": cid, "object": object_type, "created": created, "model": state.model_name,
-                "choices": choices, "usage": usage, "system_fingerprint": None}
+        return completion_object(cid, created, state.model_name, choices, usage, object_type)
 
     def usage():
         return usage_object(completion.prompt_tokens, completion.completion_tokens)

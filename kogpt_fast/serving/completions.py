@@ -69,7 +69,7 @@ def queue_error(e: Exception) -> APIError:
         return APIError(503, f"{e}", type="server_error", code="shutting_down",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     message = str(e)  # a ValueError naming an engine field: say it with OpenAI's names
-    param = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_ids": "prompt"}.get(
+    param = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}.get(
         message.split(" ", 1)[0].rstrip(":"), None)
     for ours, theirs in (("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")):
         message = message.replace(ours, theirs)

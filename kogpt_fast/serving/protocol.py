@@ -159,8 +159,9 @@ def completion_id(prefix: str = "cmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_object(id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
-    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices,
+def completion_object(id: str, created: int, model: str, choices: list[dict], usage: dict | None,
+                      object_type: str = "text_completion") -> dict:
+    return {"id": id, "object": object_type, "created": created, "model": model, "choices": choices,
             "usage": usage, "system_fingerprint": None}
 
 

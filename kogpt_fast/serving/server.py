@@ -147,9 +147,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
     async def model(name: str):
-        if name != state.model_name:
-            raise APIError(404, f"the model {name!r} does not exist: this server serves {state.model_name!r}",
-                           param="model", code="model_not_found")
+        check_model(state, name, status=404)
         return model_object(state.model_name, state.created, state.n_positions)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
@@ -171,10 +169,11 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-def check_model(state: ServerState, name: str) -> None:
+def check_model(state: ServerState, name: str, status: int = 400) -> None:
+    """A request's `model` (400 when it names another) or GET /v1/models/NAME's (404)."""
     if name != state.model_name:
-        raise bad_request(f"the model {name!r} does not exist: this server serves {state.model_name!r}",
-                          param="model", code="model_not_found")
+        raise APIError(status, f"the model {name!r} does not exist: this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
 
 
 def check_accepting(state: ServerState) -> None:
