@@ -47,7 +47,7 @@ def token_logits(model, ids: torch.Tensor) -> torch.Tensor:
     cache.start([t])
     try:
         meta = cache.plan([t], torch.arange(t), is_prefill=True)
-        meta = dataclasses.replace(meta, last_token=torch.arange(t, device=model.device))  # every position
+        meta = dataclasses.replace(meta, logits_indices=torch.arange(t, device=model.device))  # every position
         return model.forward_step(ids, meta, cache)
     finally:
         cache.release()
@@ -123,23 +123,22 @@ def evaluate(models: dict, tokens: torch.Tensor, prompts: list[list[int]], windo
         for name in names:
             predicted = token_logits(models[name], sequence[:-1])[len(prompt) - 1:].argmax(dim=-1).cpu()
             agree[name] += int((predicted == continuation).sum())
-            own = models[name].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        do_sample=False)[0, len(prompt):].cpu()
+            own = continuation if name == names[0] else models[name].generate(  # the reference's is continuation
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0, len(prompt):].cpu()
             same = (own == continuation).long().cumprod(dim=0).sum().item()
             prefix[name] += same / new_tokens
     ref_ppl = math.exp(nll[names[0]] / scored)
     rows = {}
     for name in names:
-        ppl = math.exp(nll[name] / scored)
+        ppl, scheme = math.exp(nll[name] / scored), quant.model_scheme(models[name])
         rows[name] = {
             "perplexity": ppl, "vs_reference": ppl / ref_ppl, "max_logit_diff": max_diff[name],
             "greedy_agreement": agree[name] / (new_tokens * len(prompts)) if prompts else None,
             "greedy_prefix": prefix[name] / len(prompts) if prompts else None,
-            "weights": quant.model_scheme(models[name]) or "dense", "dtype": str(models[name].dtype).removeprefix(
+            "weights": scheme or "dense", "dtype": str(models[name].dtype).removeprefix(
                 "torch."),
             "backend": models[name].backend(),
-            "resident_bytes": quant.resident_bytes(models[name].config, quant.model_scheme(models[name]),
-                                                   models[name].dtype)["total"],
+            "resident_bytes": quant.resident_bytes(models[name].config, scheme, models[name].dtype)["total"],
         }
     return {"reference": names[0], "tokens_scored": scored, "window": window, "prompts": len(prompts),
             "new_tokens": new_tokens, "schemes": rows}
