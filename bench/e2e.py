@@ -24,12 +24,12 @@ from typing import Callable
 import torch
 
 from kogpt_fast.config import GPTJConfig
+from kogpt_fast.quant import SCHEMES as QUANTIZED_SCHEMES
 
 from .compiled_baseline import GPTJ, StaticCacheGenerator
 
 HF_EAGER, HF_SDPA, COMPILED = "hf-eager", "hf-sdpa", "pytorch-compiled"
 STATIC_EAGER = "pytorch-static"  # the compiled baseline with torch.compile off (CPU, or --no-compile)
-QUANTIZED_SCHEMES = ("int8", "fp8")  # kogpt_fast.quant.SCHEMES
 
 
 def kogpt_name(backend: str, prefill_path: str = "kernel", quantize: str | None = None) -> str:
