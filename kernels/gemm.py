@@ -90,7 +90,7 @@ def pick_gemv_config(m: int, n: int, k: int, dtype: torch.dtype, weight_bytes: i
     traffic, from L1/L2), so M > 2 keeps 8. fp32: BLOCK_K 512, the same bytes per step; one-byte (quantized)
     weights: BLOCK_K 2048, the same bytes per step again (weight_bytes: the weight's element size, default x's).
     The same config under the interpreter, so that the CPU tests run the tiles the GPU runs."""
-    weight_bytes = weight_bytes or torch.empty(0, dtype=dtype).element_size()
+    weight_bytes = weight_bytes or dtype.itemsize
     block_k = {4: 512, 2: 1024, 1: 2048}[weight_bytes]
     block_n = 4 if n < 8192 and m <= 2 else 8
     return GemvConfig(block_n, block_k, num_warps=4)
@@ -105,9 +105,7 @@ GEMV_CANDIDATES = (
     GemvConfig(4, 1024, 4), GemvConfig(8, 1024, 4), GemvConfig(8, 512, 4), GemvConfig(16, 1024, 8),
 )
 # For one-byte (int8 / fp8) weights: the same bytes per K step at twice the elements, and the dense tiles.
-GEMV_CANDIDATES_QUANTIZED = (
-    GemvConfig(4, 2048, 4), GemvConfig(8, 2048, 4), GemvConfig(8, 1024, 4), GemvConfig(16, 2048, 8),
-)
+GEMV_CANDIDATES_QUANTIZED = tuple(c._replace(block_k=2 * c.block_k) for c in GEMV_CANDIDATES)
 TUNE_MIN_WEIGHTS = 1 << 22
 _tuned: dict[tuple, GemvConfig] = {}
 
@@ -172,7 +170,7 @@ def gelu_tanh(y):
 
 W_DENSE, W_INT8, W_FP8 = 0, 1, 2  # the W_FORMAT constexpr
 # E4M3 bytes decode to value / 2**8 in fp16 (_decode_weight): the factor goes into the scale, once a row.
-FP8_DECODE_FACTOR = 256.0
+FP8_DECODE_FACTOR = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -199,7 +197,7 @@ def _scale_rows(acc, scale_ptr, rn, in_n, W_FORMAT: tl.constexpr):
     if W_FORMAT != 0:
         scale = tl.load(scale_ptr + rn, mask=in_n, other=0.0).to(tl.float32)
         if W_FORMAT == 2:
-            scale = scale * 256.0  # FP8_DECODE_FACTOR
+            scale = scale * FP8_DECODE_FACTOR
         acc = acc * scale[None, :]
     return acc
 

@@ -95,11 +95,6 @@ class QuantizedWeight:
     def data_ptr(self) -> int:
         return self.data.data_ptr()
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes a GEMM reads: the data, one byte an element, and the scales."""
-        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [N, K]: data.float() * scale.float(), rounded once to dtype (default: the scales').
 
@@ -397,7 +392,7 @@ def resident_bytes(config, scheme: str | None, dtype: torch.dtype) -> dict[str, 
     "read_per_token"} (read_per_token: what a batch-1 decode step reads, all but the embedding table).
     Dense tensors are in dtype; a quantized weight is one byte an element plus one scale (dtype) a row."""
     check_scheme(scheme)
-    elt = torch.empty(0, dtype=dtype).element_size()
+    elt = dtype.itemsize
     d, ff, vocab = config.n_embd, config.n_inner, config.vocab_size
 
     def weight(rows: int, cols: int) -> int:
