@@ -11,7 +11,7 @@ grows with the engine's speed.) This is how vLLM splits its API server from its 
 
 One multiprocessing Pipe carries pickled tuples:
     to the engine:   ("add", id, prompt_ids, params) | ("abort", id) | ("close",)
-    from the engine: ("ready", info) | ("failed", message) | ("events", [(id, RequestOutput), ...], EngineStats)
+    from the engine: ("ready", info) | ("failed", message) | ("events", [RequestOutput, ...], EngineStats)
 The engine process steps while it has work and sends each step's events in one message; a reader thread here hands
 each message to the event loop in one call_soon_threadsafe. The engine process ignores SIGINT and SIGTERM (the
 server drains, then closes it through the pipe; close() also runs at exit) and exits when the pipe closes (the
@@ -213,12 +213,12 @@ class EngineProcess:
     def _dispatch(self, message) -> None:
         kind, events, _ = message
         if kind == "events":
-            for request_id, event in events:
-                stream = self._streams.get(request_id)
+            for event in events:
+                stream = self._streams.get(event.request_id)
                 if stream is not None:
                     stream._queue.put_nowait(event)
                     if event.finished:
-                        del self._streams[request_id]
+                        del self._streams[event.request_id]
         elif kind == "gone":
             self._accepting = False
             code = self._process.exitcode if self._process is not None else None
@@ -232,25 +232,23 @@ def _serve(conn, load: Callable, engine_kwargs: dict, threads: int | None) -> No
     """The engine process: load, then step while there is work, taking messages between steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server drains us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
     try:
         tokenizer, model = load()
         if threads is not None and model.device.type == "cpu":
-            import torch
-
             torch.set_num_threads(threads)
         engine = Engine(model, tokenizer=tokenizer, **engine_kwargs)
     except BaseException as e:  # the server reports it and exits
         conn.send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, (OSError, ValueError)) else str(e)))
         return
-    import torch
-
     conn.send(("ready", {
         "config": model.config, "max_waiting": engine.max_waiting, "num_blocks": engine.blocks.num_blocks,
         "block_size": engine.blocks.block_size, "device": str(model.device), "dtype": str(model.dtype),
         "threads": torch.get_num_threads(), "stats": engine.stats(),
     }))
     requests = {}
-    outbox: list[tuple[str, RequestOutput]] = []
+    outbox: list[RequestOutput] = []  # each event names its request (request_id)
     while True:
         wait = 0 if engine.has_work() else None
         try:
@@ -261,11 +259,10 @@ def _serve(conn, load: Callable, engine_kwargs: dict, threads: int | None) -> No
                     _, request_id, prompt, params = message
                     try:
                         requests[request_id] = engine.add_request(
-                            prompt, params, request_id=request_id,
-                            listener=lambda event, rid=request_id: outbox.append((rid, event)))
+                            prompt, params, request_id=request_id, listener=outbox.append)
                     except (ValueError, TypeError, QueueFull) as e:  # the server's checks lagged (a full queue)
-                        outbox.append((request_id, RequestOutput(request_id, [], finished=True, finish_reason="abort",
-                                                                 error=f"refused: {e}")))
+                        outbox.append(RequestOutput(request_id, [], finished=True, finish_reason="abort",
+                                                    error=f"refused: {e}"))
                 elif message[0] == "abort":
                     request = requests.get(message[1])
                     if request is not None:
@@ -283,11 +280,11 @@ def _serve(conn, load: Callable, engine_kwargs: dict, threads: int | None) -> No
             except Exception:  # the step's requests were aborted with the error; the others go on
                 logger.exception("engine step failed")
         if outbox:
-            for request_id, event in outbox:
+            for event in outbox:
                 if event.finished:
-                    requests.pop(request_id, None)
+                    requests.pop(event.request_id, None)
             try:
                 conn.send(("events", outbox, engine.stats()))
             except (EOFError, OSError):
                 return
-            outbox = []
+            outbox.clear()  # in place: every request's listener is this list's append (send pickled it already)

@@ -76,9 +76,10 @@ class Scheduler:
         """Blocks for `count` more tokens of the request (room checked by the caller) and its place in the step."""
         needed = self.blocks.blocks_for(request.num_computed + count) - len(request.blocks)
         if needed > 0:  # consecutive where the pool allows (room: what the request may grow into)
-            total = self.blocks.blocks_for(request.prompt_len + request.params.max_new_tokens)
-            after = request.blocks[-1] if request.blocks else None
-            room = max(total - len(request.blocks) - needed, 0) if after is None else 0
+            after, room = (request.blocks[-1] if request.blocks else None), 0
+            if after is None:  # a first allocation: room for what the request may grow into
+                total = self.blocks.blocks_for(request.prompt_len + request.params.max_new_tokens)
+                room = max(total - len(request.blocks) - needed, 0)
             request.blocks += self.blocks.allocate(needed, after=after, room=room)
         start, end = request.num_computed, request.num_computed + count
         prompt_logits = []
