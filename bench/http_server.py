@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded demo model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--requests", type=int, default=64, help="requests per load round")
     p.add_argument("--concurrency", type=int, default=16)
@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, all_threads - 1)  # kogpt-fast serve's default on the CPU: a core for HTTP
     if args.device == "cpu":
         model_args.append(f"--threads={threads}")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
-    model = KoGPTForCausalLM.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend)
+    model = KoGPTForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     vocab = model.config.vocab_size
     server, url = start_server(model_args, max_running, out / "http_server.log")
     report: dict = {"device": args.device, "model": args.model or "demo", "machine_note": "loopback; one machine"}
